@@ -91,7 +91,15 @@ DEFAULT_DEVICE_RESOURCE = {
     Device.XPU: "gpu.intel.com/i915",
     Device.CUDA: "nvidia.com/gpu",
 }
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGET_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 DEFAULT_VALIDATION_SIZE = 2000
 DEFAULT_OUTPUT_PATH = "/output"
 
@@ -185,9 +193,7 @@ class TrainingSpec(_Spec):
         description=f"Peak learning rate. Default: {SFT_DEFAULTS.learning_rate} "
         f"(dpo: {DPO_DEFAULTS.learning_rate}).",
     )
-    epochs: float = Field(
-        default=3, gt=0, description="Passes over the training data. Default: 3."
-    )
+    epochs: float = Field(default=3, gt=0, description="Passes over the training data. Default: 3.")
     max_steps: int | None = Field(
         default=None,
         ge=1,
@@ -313,11 +319,15 @@ class OutputSpec(_Spec):
 
 class SecretKeyRef(_Spec):
     name: str = Field(min_length=1, description="Secret name, in the FinetuneJob's namespace.")
-    key: str = Field(default="token", min_length=1, description="Key in the Secret. Default: token.")
+    key: str = Field(
+        default="token", min_length=1, description="Key in the Secret. Default: token."
+    )
 
 
 class FinetuneJobSpec(_Spec):
-    method: Method = Field(default=Method.QLORA, description="qlora, lora, full or dpo. Default: qlora.")
+    method: Method = Field(
+        default=Method.QLORA, description="qlora, lora, full or dpo. Default: qlora."
+    )
     model: ModelSpec = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="The training data.")
     workers: int = Field(
@@ -348,7 +358,9 @@ class FinetuneJobSpec(_Spec):
         "resource is added by the operator.",
     )
     node_selector: dict[str, str] | None = Field(default=None, description="Passed to the pods.")
-    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Passed to the pods.")
+    tolerations: list[dict[str, Any]] | None = Field(
+        default=None, description="Passed to the pods."
+    )
     affinity: dict[str, Any] | None = Field(default=None, description="Passed to the pods.")
     priority_class_name: str | None = Field(default=None, description="Passed to the pods.")
     service_account_name: str | None = Field(

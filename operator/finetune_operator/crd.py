@@ -45,9 +45,9 @@ def _structural(node: Schema, defs: Schema) -> Schema:
         types = {option.get("type") for option in options}
         if types == {"integer", "string"}:
             # int | Literal["auto"]: the value is checked by a CEL rule on the field.
-            result = _structural(rest, defs)
-            result["x-kubernetes-int-or-string"] = True
-            return result
+            int_or_string = _structural(rest, defs)
+            int_or_string["x-kubernetes-int-or-string"] = True
+            return int_or_string
         raise ValueError(f"cannot express {node} in a structural schema")
 
     result: Schema = {}
@@ -62,9 +62,7 @@ def _structural(node: Schema, defs: Schema) -> Schema:
             result[bound] = value
             result[key] = True
         elif key == "properties":
-            result["properties"] = {
-                name: _structural(child, defs) for name, child in value.items()
-            }
+            result["properties"] = {name: _structural(child, defs) for name, child in value.items()}
         elif key == "items":
             result["items"] = _structural(value, defs)
         else:
@@ -93,7 +91,9 @@ def _batch_rule() -> Schema:
         f"(has(self.training) && has({training}.microBatchSize) ? int({training}.microBatchSize) : "
         f"({is_dpo} ? {DPO_DEFAULTS.micro_batch_size} : {SFT_DEFAULTS.micro_batch_size}))"
     )
-    world = f"({_or_default('self', 'workers', '1')} * {_or_default('self', 'devicesPerWorker', '1')})"
+    world = (
+        f"({_or_default('self', 'workers', '1')} * {_or_default('self', 'devicesPerWorker', '1')})"
+    )
     auto = f"(has(self.training) && has({training}.microBatchSize) && type({training}.microBatchSize) == string)"
     return {
         "rule": f"{auto} || ({global_batch} % ({micro} * {world}) == 0)",

@@ -215,7 +215,10 @@ def _env(job: JobRef, spec: FinetuneJobSpec, resolved: ResolvedConfig) -> list[O
             },
         },
         {"name": "FINETUNE_JOB_NAME", "value": job.name},
-        {"name": "FINETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {
+            "name": "FINETUNE_JOB_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        },
         {"name": "FINETUNE_DEVICE", "value": resolved.device.value},
         {"name": "FINETUNE_DIST_BACKEND", "value": resolved.distributed_backend},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

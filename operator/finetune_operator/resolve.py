@@ -190,7 +190,9 @@ def resolve(
             f"method {spec.method.value}.",
         )
     validation_size = (
-        DEFAULT_VALIDATION_SIZE if spec.dataset.validation_size is None else spec.dataset.validation_size
+        DEFAULT_VALIDATION_SIZE
+        if spec.dataset.validation_size is None
+        else spec.dataset.validation_size
     )
     if validation_size >= 1:
         if validation_size != int(validation_size):

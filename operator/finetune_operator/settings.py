@@ -34,7 +34,9 @@ class OperatorSettings:
             trainer_image=os.environ.get("FTO_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             image_pull_policy=os.environ.get("FTO_IMAGE_PULL_POLICY", "IfNotPresent"),
             device_resources=(
-                {"xpu": os.environ["FTO_XPU_RESOURCE"]} if os.environ.get("FTO_XPU_RESOURCE") else {}
+                {"xpu": os.environ["FTO_XPU_RESOURCE"]}
+                if os.environ.get("FTO_XPU_RESOURCE")
+                else {}
             ),
             namespaces=namespaces,
         )
