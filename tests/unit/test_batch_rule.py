@@ -75,5 +75,5 @@ def test_auto_micro_batch_defers_accumulation_to_the_trainer() -> None:
 
 
 def test_global_batch_not_a_multiple_of_micro() -> None:
-    with pytest.raises(SpecError, match="not a multiple of training.microBatchSize"):
+    with pytest.raises(SpecError, match=r"not a multiple of training\.microBatchSize"):
         resolve(parse_spec({**MINIMAL, "training": {"globalBatchSize": 9}}))
