@@ -3,14 +3,16 @@
 Fixtures:
 - ``cluster`` (session): a :class:`local_cluster.Cluster`, started with ``hack/dev-cluster up`` and
   taken down at the end; or, with FTO_REUSE_CLUSTER=1, the cluster KUBECONFIG names (left up).
-  The CRDs in crds/ are installed before any test runs.
+  (The CRDs are installed by ``finetunejob_crd``, for the tests that ask for it.)
 - ``kubectl`` (session): ``kubectl(*args, input=None, check=False) -> CompletedProcess`` bound to
   the cluster's kubeconfig, output captured as text.
 - ``kube_api`` (session): a ``kubernetes.client.ApiClient`` for the cluster.
 - ``core_api`` / ``batch_api`` / ``custom_api`` (session): CoreV1Api, BatchV1Api and
   CustomObjectsApi on that client.
-- ``namespace`` (function): a fresh namespace name for the test, deleted afterwards.
-- ``finetunejob_crd`` (session): ensures the FinetuneJob CRD is installed.
+- ``namespace`` (function): a fresh namespace name for the test (its default service account
+  already made), deleted afterwards.
+- ``finetunejob_crd`` (session): installs crds/ (`kubectl apply -f crds/`); request it in any
+  test that creates FinetuneJobs.
 
 If the cluster cannot start, every e2e test errors with the components' logs: never a skip,
 so CI cannot pass without a cluster.
@@ -51,10 +53,6 @@ def crd_manifests_present() -> bool:
 def cluster() -> Iterator[Cluster]:
     started = start_cluster()
     try:
-        if crd_manifests_present():
-            applied = install_crds(started)
-            if applied.returncode != 0:
-                pytest.fail(f"kubectl apply -f crds/ failed:\n{applied.stderr}")
         yield started
     finally:
         stop_cluster(started)
@@ -97,11 +95,19 @@ def custom_api(kube_api: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def finetunejob_crd(cluster: Cluster) -> None:
+    """Installs crds/ once per session (`kubectl apply -f crds/`, then waits until Established).
+
+    Only tests that need the CRD ask for it, so a broken CRD fails those tests (with the API
+    server's reason) without hiding what the rest say about the cluster.
+    """
     if not crd_manifests_present():
         message = f"no CRD manifests in {CRDS_DIR}"
         if running_under_ci():
             pytest.fail(message)
         pytest.skip(message)
+    applied = install_crds(cluster)
+    if applied.returncode != 0:
+        pytest.fail(f"kubectl apply -f crds/ failed:\n{applied.stderr}")
 
 
 @pytest.fixture
