@@ -1,0 +1,122 @@
+"""The run's configuration: the operator's resolved config, or a FinetuneJob YAML resolved here.
+
+Defaults and the batch rule live in `finetune_operator.api` / `finetune_operator.resolve`
+(one place, read by the operator and the trainer alike); this module only loads, reconciles
+the world size with what torchrun actually started, and checks the batch rule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune_operator.resolve import (
+    ResolvedConfig,
+    SpecError,
+    load_manifest,
+    resolve_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits, from torchrun's environment (1 process when run directly)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+    @classmethod
+    def from_env(cls) -> World:
+        def env(name: str, default: int) -> int:
+            return int(os.environ.get(name, default))
+
+        world = env("WORLD_SIZE", 1)
+        return cls(
+            rank=env("RANK", 0),
+            local_rank=env("LOCAL_RANK", 0),
+            world_size=world,
+            local_world_size=env("LOCAL_WORLD_SIZE", world),
+        )
+
+
+def load_config(path: str | Path, output: str | None = None) -> ResolvedConfig:
+    """A resolved config (JSON, as the operator mounts it) or a FinetuneJob manifest (YAML).
+
+    `output` replaces outputPath (handy for local runs: the spec demands an absolute path
+    meant for a pod's volume).
+    """
+    text = Path(path).read_text()
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        config = ResolvedConfig.model_validate(json.loads(text))
+    else:
+        config = resolve_manifest(load_manifest(text))
+    if output is not None:
+        config = config.model_copy(update={"output_path": str(Path(output).resolve())})
+    return config
+
+
+def reconcile_world(config: ResolvedConfig, world: World) -> ResolvedConfig:
+    """Train at the world size torchrun started, keeping the global batch.
+
+    The operator writes the config for workers x devicesPerWorker processes, and normally that
+    is what runs. When it is not (a local `torchrun --nproc-per-node 2` of a one-worker spec, or
+    a restart at another size) the global batch is what must stay fixed, since it is what
+    makes a step mean the same samples and the same gradient; so accumulation is recomputed
+    with the same batch rule as the operator's (`with_world`), and a world size at which the
+    rule cannot hold is refused with the operator's message naming sizes that work.
+    """
+    if config.world_size == world.world_size:
+        return config
+    log.warning(
+        "config was resolved for world size %d (%d x %d) but torchrun started %d processes: "
+        "recomputing gradient accumulation to keep globalBatchSize %d",
+        config.world_size,
+        config.workers,
+        config.devices_per_worker,
+        world.world_size,
+        config.global_batch_size,
+    )
+    return config.with_world(world.nodes, world.local_world_size)
+
+
+def check_batch_rule(config: ResolvedConfig, world: World) -> None:
+    """Refuse to start unless micro x accumulation x world == global batch."""
+    micro, accumulation = config.micro_batch_size, config.gradient_accumulation_steps
+    if micro == "auto" or accumulation is None:
+        raise SpecError("microBatchSize auto must be resolved before the batch rule is checked")
+    product = micro * accumulation * world.world_size
+    if product != config.global_batch_size or config.world_size != world.world_size:
+        raise SpecError(
+            f"batch rule broken: microBatchSize {micro} x gradientAccumulationSteps "
+            f"{accumulation} x world size {world.world_size} = {product}, but globalBatchSize "
+            f"is {config.global_batch_size} (config world size {config.world_size})",
+            reason="BatchRule",
+        )
+
+
+def format_table(config: ResolvedConfig) -> str:
+    """Every effective hyperparameter, one per line, as rank 0 logs it at start."""
+    flat: dict[str, object] = {}
+    for key, value in config.model_dump(mode="json", by_alias=True).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    width = max(len(k) for k in flat)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in sorted(flat.items()))
