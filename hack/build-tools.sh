@@ -68,7 +68,7 @@ build_group() {
       cd "${module_dir}"
       # Server components are built static (no cgo), as upstream releases are; -trimpath and
       # -s -w keep the cached binaries small and independent of where this checkout lives.
-      CGO_ENABLED=0 go build -p "${GO_BUILD_PARALLELISM}" -trimpath \
+      CGO_ENABLED=0 go build -p "${GO_BUILD_PARALLELISM}" -trimpath -buildvcs=false \
         -ldflags "-s -w ${ldflags}" -o "${scratch_dir}/${names[$index]}" "${packages[$index]}"
     )
   done
