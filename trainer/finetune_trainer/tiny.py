@@ -118,8 +118,9 @@ def make_tiny_model(directory: Path | str, seed: int = 0) -> Path:
         pad_token_id=None,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng():  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     # Not model.save_pretrained: under an initialised process group only rank 0 writes there,
     # and every rank may be building its own copy here.
     config.save_pretrained(str(directory))

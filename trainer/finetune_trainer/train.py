@@ -135,6 +135,11 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
 
 
 def build_trainer(config: ResolvedConfig, device: DeviceInfo, world: World, callbacks: list[Any]) -> tuple[Any, Any]:
+    from transformers import set_seed
+
+    # Before the model: the LoRA A matrices are drawn at random, and every rank (and every
+    # restart) must draw the same ones. The Trainer seeds only once it is built.
+    set_seed(config.seed)
     tokenizer = load_tokenizer(config)
     train_data, eval_data = build_datasets(config, tokenizer)
     args = training_arguments(config, device, world)

@@ -1,0 +1,63 @@
+"""Helpers for trainer tests: the tiny model, job files, and launching real (torchrun) runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The bundled tiny model is built into a per-session cache, not ~/.cache."""
+    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def job(path: Path, **spec_overrides: Any) -> Path:
+    """The tiny example with spec fields replaced ("training.maxSteps": 8 style keys)."""
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    for dotted, value in spec_overrides.items():
+        node = manifest["spec"]
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def train(
+    job_file: Path, output: Path, nproc: int, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run finetune-train as a user would: `python -m finetune_trainer JOB --output DIR --nproc N`."""
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", str(job_file), "--output", str(output), "--nproc", str(nproc)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def progress(output: Path) -> list[dict[str, Any]]:
+    lines = (output / "progress.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def losses(output: Path) -> dict[int, float]:
+    """Training loss per step (the last value logged for a step wins, as after a resume)."""
+    return {r["step"]: r["loss"] for r in progress(output) if "loss" in r}
