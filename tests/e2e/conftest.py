@@ -25,7 +25,6 @@ from subprocess import CompletedProcess
 from typing import Any
 
 import pytest
-
 from local_cluster import (
     CRDS_DIR,
     Cluster,
@@ -120,10 +119,14 @@ def namespace(request: pytest.FixtureRequest, core_api: Any) -> Iterator[str]:
     # The ServiceAccount admission plugin rejects pods until the controller manager has made
     # the namespace's default service account.
     def default_service_account_exists() -> bool:
-        accounts = core_api.list_namespaced_service_account(name, field_selector="metadata.name=default")
+        accounts = core_api.list_namespaced_service_account(
+            name, field_selector="metadata.name=default"
+        )
         return bool(accounts.items)
 
-    wait_for(default_service_account_exists, timeout=60, description=f"serviceaccount {name}/default")
+    wait_for(
+        default_service_account_exists, timeout=60, description=f"serviceaccount {name}/default"
+    )
     try:
         yield name
     finally:

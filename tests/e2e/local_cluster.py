@@ -122,15 +122,12 @@ def start_cluster() -> Cluster:
             raise ClusterStartError("FTO_REUSE_CLUSTER=1 needs KUBECONFIG to name the cluster")
         return Cluster(kubeconfig=Path(kubeconfig), owned=False, name="(reused)")
 
-    if missing := missing_tools():
-        if running_under_ci():
-            # CI must have run hack/build-tools.sh; building here would hide that it didn't
-            # (and could run past CI's time limit).
-            raise ClusterStartError(
-                "cluster tools are not built and CI=true: run hack/build-tools.sh first\n"
-                + missing
-            )
-        # Locally, `hack/dev-cluster up` builds what is missing (slowly, once).
+    # CI must have run hack/build-tools.sh: building here would hide that it didn't (and could
+    # run past CI's time limit). Locally, `hack/dev-cluster up` builds what is missing, once.
+    if running_under_ci() and (missing := missing_tools()):
+        raise ClusterStartError(
+            "cluster tools are not built and CI=true: run hack/build-tools.sh first\n" + missing
+        )
 
     env = dict(os.environ, FTO_CLUSTER_NAME=E2E_CLUSTER_NAME)
     result = subprocess.run(

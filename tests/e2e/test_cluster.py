@@ -74,12 +74,12 @@ def job_pods(core_api: Any, namespace: str, job_name: str) -> list[Any]:
 
 def job_condition(batch_api: Any, namespace: str, job_name: str, condition: str) -> bool:
     job = batch_api.read_namespaced_job(job_name, namespace)
-    return any(
-        c.type == condition and c.status == "True" for c in (job.status.conditions or [])
-    )
+    return any(c.type == condition and c.status == "True" for c in (job.status.conditions or []))
 
 
-def pods_in_phase(core_api: Any, namespace: str, job_name: str, phase: str, count: int) -> list[Any]:
+def pods_in_phase(
+    core_api: Any, namespace: str, job_name: str, phase: str, count: int
+) -> list[Any]:
     pods = job_pods(core_api, namespace, job_name)
     matching = [p for p in pods if p.status.phase == phase]
     return matching if len(matching) >= count else []
@@ -108,8 +108,12 @@ def test_gpu_nodes_advertise_intel_gpus(core_api):
 
 def test_kubectl_get_nodes_shows_gpu_allocatable(kubectl):
     shown = kubectl(
-        "get", "nodes", "-l", f"{ACCELERATOR_LABEL}=xpu",
-        "-o", r"jsonpath={range .items[*]}{.status.allocatable.gpu\.intel\.com/i915}{'\n'}{end}",
+        "get",
+        "nodes",
+        "-l",
+        f"{ACCELERATOR_LABEL}=xpu",
+        "-o",
+        r"jsonpath={range .items[*]}{.status.allocatable.gpu\.intel\.com/i915}{'\n'}{end}",
         check=True,
     ).stdout.split()
     assert shown == [EXPECTED_GPUS_PER_NODE] * EXPECTED_GPU_NODES
@@ -119,8 +123,11 @@ def test_crds_apply(kubectl, finetunejob_crd):
     applied = kubectl("apply", "-f", str(CRDS_DIR))
     assert applied.returncode == 0, applied.stderr
     established = kubectl(
-        "get", "crd", "finetunejobs.finetune.dev",
-        "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+        "get",
+        "crd",
+        "finetunejobs.finetune.dev",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type=='Established')].status}",
     )
     assert established.stdout == "True"
 
@@ -141,7 +148,11 @@ def test_finetunejob_with_zero_workers_is_rejected_by_the_api_server(
     kubectl, namespace, finetunejob_crd
 ):
     rejected = kubectl(
-        "apply", "-n", namespace, "-f", "-",
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
         input=FINETUNEJOB_WITH_ZERO_WORKERS.format(name="zero", workers=0),
     )
     assert rejected.returncode != 0
@@ -150,7 +161,11 @@ def test_finetunejob_with_zero_workers_is_rejected_by_the_api_server(
 
     # The same object with one worker is accepted: the rejection was the schema's minimum.
     accepted = kubectl(
-        "apply", "-n", namespace, "-f", "-",
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
         input=FINETUNEJOB_WITH_ZERO_WORKERS.format(name="one", workers=1),
     )
     assert accepted.returncode == 0, accepted.stderr
@@ -165,7 +180,9 @@ def test_indexed_gpu_job_is_scheduled_on_gpu_nodes_and_completes(core_api, batch
         description="job train to complete",
     )
     pods = job_pods(core_api, namespace, "train")
-    assert sorted(p.metadata.annotations["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
+    assert sorted(
+        p.metadata.annotations["batch.kubernetes.io/job-completion-index"] for p in pods
+    ) == ["0", "1"]
     assert all(p.status.phase == "Succeeded" for p in pods)
     # Eight GPUs each: one whole node per pod.
     node_names = {p.spec.node_name for p in pods}
@@ -208,11 +225,11 @@ def test_deleting_the_owner_garbage_collects_its_pods(core_api, batch_api, names
 
 
 def test_a_test_drives_a_manual_pod_through_its_phases(core_api, batch_api, namespace):
-    batch_api.create_namespaced_job(
-        namespace, gpu_job("manual", pods=1, simulate=SIMULATE_MANUAL)
-    )
+    batch_api.create_namespaced_job(namespace, gpu_job("manual", pods=1, simulate=SIMULATE_MANUAL))
     pod = wait_for(
-        lambda: next(iter(p for p in job_pods(core_api, namespace, "manual") if p.spec.node_name), None),
+        lambda: next(
+            iter(p for p in job_pods(core_api, namespace, "manual") if p.spec.node_name), None
+        ),
         timeout=60,
         description="the manual pod to be scheduled",
     )
@@ -233,9 +250,7 @@ def test_a_test_drives_a_manual_pod_through_its_phases(core_api, batch_api, name
 
 
 def test_running_pods_stay_running_until_the_test_ends_them(core_api, batch_api, namespace):
-    batch_api.create_namespaced_job(
-        namespace, gpu_job("held", pods=1, simulate=SIMULATE_RUNNING)
-    )
+    batch_api.create_namespaced_job(namespace, gpu_job("held", pods=1, simulate=SIMULATE_RUNNING))
     (pod,) = wait_for(
         lambda: pods_in_phase(core_api, namespace, "held", "Running", 1),
         timeout=60,
