@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -276,3 +277,11 @@ def test_fail_mode_fails_job_pods(batch_api, namespace):
         timeout=60,
         description="job doomed to fail",
     )
+
+
+def test_helm_is_built_at_the_pinned_version(cluster):
+    shown = subprocess.run(
+        ["helm", "version", "--short"], capture_output=True, text=True, env=cluster.env()
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("v3.")
