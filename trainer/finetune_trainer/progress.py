@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,15 @@ def _number(value: Any) -> float | None:
 class StatusPatcher:
     """Merge-patches status of one FinetuneJob from a background thread, newest report wins."""
 
-    def __init__(self, name: str, namespace: str, interval: float = 5.0) -> None:
+    def __init__(
+        self, name: str, namespace: str, interval: float = 5.0, send: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.name, self.namespace, self.interval = name, namespace, interval
         self._pending: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
-        self._send = self._client()
+        self._send = send or self._client()
         self._thread = threading.Thread(target=self._loop, name="status-patcher", daemon=True)
         self._thread.start()
 
