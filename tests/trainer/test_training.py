@@ -46,7 +46,9 @@ def _adapter_loads(adapter: Path, base: str) -> None:
 
     from finetune_trainer.tiny import resolve_bundled
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_bundled(base)), str(adapter))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(resolve_bundled(base)), str(adapter)
+    )
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
@@ -100,7 +102,11 @@ def test_qlora_two_processes(tmp_path: Path) -> None:
 
 def test_dpo_two_processes(tmp_path: Path) -> None:
     output = tmp_path / "out"
-    spec = {"method": "dpo", "dataset.name": "bundled://tiny-dpo.jsonl", "training.learningRate": 0.005}
+    spec = {
+        "method": "dpo",
+        "dataset.name": "bundled://tiny-dpo.jsonl",
+        "training.learningRate": 0.005,
+    }
     train(job(tmp_path / "job.yaml", **spec), output, nproc=2)
     _assert_trained(output, "dpo")
     _adapter_loads(output / "adapter", "bundled://tiny-llama")

@@ -10,12 +10,18 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_operator.api import DatasetFormat
-from finetune_operator.resolve import SpecError
 from trainer_helpers import EXAMPLE, job
 
+from finetune_operator.api import DatasetFormat
+from finetune_operator.resolve import SpecError
 from finetune_trainer.cli import main
-from finetune_trainer.config import World, check_batch_rule, format_table, load_config, reconcile_world
+from finetune_trainer.config import (
+    World,
+    check_batch_rule,
+    format_table,
+    load_config,
+    reconcile_world,
+)
 from finetune_trainer.data import (
     IGNORE_INDEX,
     DataError,
@@ -74,7 +80,11 @@ def test_alpaca_prompt_masking_and_cutoff(tokenizer: Any) -> None:
     row = {"instruction": "Repeat the words.", "input": "cat dog", "output": "cat dog."}
     masked = alpaca_tokenizer(tokenizer, 256, train_on_inputs=False)(row)
     assert masked["input_ids"][-1] == tokenizer.eos_token_id
-    learned = [t for t, label in zip(masked["input_ids"], masked["labels"]) if label != IGNORE_INDEX]
+    learned = [
+        t
+        for t, label in zip(masked["input_ids"], masked["labels"], strict=False)
+        if label != IGNORE_INDEX
+    ]
     assert tokenizer.decode(learned[:-1]) == "cat dog."
     full = alpaca_tokenizer(tokenizer, 256, train_on_inputs=True)(row)
     assert full["labels"] == full["input_ids"]
@@ -146,6 +156,7 @@ def test_oom_is_recognised_and_advice_names_knobs() -> None:
 
 def test_status_patch_failures_never_raise_and_newest_wins() -> None:
     sent: list[dict[str, Any]] = []
+
     def flaky(body: dict[str, Any]) -> None:
         sent.append(body)
         raise ConnectionError("API server down")
@@ -160,7 +171,9 @@ def test_status_patch_failures_never_raise_and_newest_wins() -> None:
     assert sent[-1]["status"]["progress"]["step"] == 49
 
 
-def test_cli_bad_spec_exits_2_with_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_spec_exits_2_with_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = job(tmp_path / "bad.yaml", **{"training.globalBatchSize": 7})
     assert main([str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "globalBatchSize 7" in capsys.readouterr().err

@@ -42,14 +42,25 @@ def train(
 ) -> subprocess.CompletedProcess[str]:
     """Run finetune-train as a user would: `python -m finetune_trainer JOB --output DIR --nproc N`."""
     result = subprocess.run(
-        [sys.executable, "-m", "finetune_trainer", str(job_file), "--output", str(output), "--nproc", str(nproc)],
+        [
+            sys.executable,
+            "-m",
+            "finetune_trainer",
+            str(job_file),
+            "--output",
+            str(output),
+            "--nproc",
+            str(nproc),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         timeout=600,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 

@@ -10,6 +10,7 @@ Exit codes: 0 done, 2 bad spec/data/device (fix the spec), 3 out of memory, 1 an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -25,10 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="resolved config JSON (as the operator mounts it)")
     parser.add_argument("--output", help="override output.path (local runs)")
     parser.add_argument(
-        "--nproc", type=int, default=1,
+        "--nproc",
+        type=int,
+        default=1,
         help="start N local processes with torchrun (gloo on cpu); ignored under torchrun",
     )
-    parser.add_argument("--make-tiny-model", metavar="DIR", help="write the tiny example model and exit")
+    parser.add_argument(
+        "--make-tiny-model", metavar="DIR", help="write the tiny example model and exit"
+    )
     parser.add_argument("--log-level", default=os.environ.get("FINETUNE_LOG_LEVEL", "INFO"))
     return parser
 
@@ -44,8 +49,14 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
         elif not arg.startswith("--nproc="):
             forwarded.append(arg)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "finetune_trainer", *forwarded,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "finetune_trainer",
+        *forwarded,
     ]
     return subprocess.call(command)
 
@@ -53,10 +64,8 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 def _fail(message: str, code: int) -> int:
     print(f"finetune-train: error: {message}", file=sys.stderr, flush=True)
     if os.environ.get("RANK", "0") == "0" and TERMINATION_LOG.parent.exists():
-        try:  # Kubernetes shows it as the pod's termination message
+        with contextlib.suppress(OSError):  # Kubernetes shows it as the termination message
             TERMINATION_LOG.write_text(message[:4000])
-        except OSError:
-            pass
     return code
 
 
@@ -81,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch(args.nproc, argv)
 
     from finetune_operator.resolve import SpecError
-
     from finetune_trainer.config import load_config
     from finetune_trainer.data import DataError
     from finetune_trainer.device import DeviceError

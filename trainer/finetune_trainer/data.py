@@ -15,7 +15,6 @@ from typing import Any
 
 from finetune_operator.api import DatasetFormat
 from finetune_operator.resolve import ResolvedConfig
-
 from finetune_trainer.tiny import resolve_bundled
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,9 @@ def alpaca_prompt(row: dict[str, Any]) -> str:
     return PROMPT_TEMPLATE["prompt_no_input"].format(instruction=row["instruction"])
 
 
-def alpaca_tokenizer(tokenizer: Any, cutoff_len: int, train_on_inputs: bool) -> Callable[[dict[str, Any]], dict[str, list[int]]]:
+def alpaca_tokenizer(
+    tokenizer: Any, cutoff_len: int, train_on_inputs: bool
+) -> Callable[[dict[str, Any]], dict[str, list[int]]]:
     """The seed recipe's generate_and_tokenize_prompt: truncate, append EOS, mask the prompt."""
 
     def tokenize(text: str, add_eos: bool = True) -> list[int]:
@@ -100,7 +101,9 @@ def alpaca_tokenizer(tokenizer: Any, cutoff_len: int, train_on_inputs: bool) -> 
     return apply
 
 
-def truncate_prompt(tokenizer: Any, max_prompt_length: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def truncate_prompt(
+    tokenizer: Any, max_prompt_length: int
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Keep the last maxPromptLength tokens of each dpo prompt (cut on token boundaries)."""
 
     def apply(row: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +164,9 @@ def build_collator(tokenizer: Any, pad_to_multiple_of: int, padding_free: bool) 
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if padding_free:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return DataCollatorWithFlattening(  # type: ignore[no-untyped-call]
+            return_position_ids=True, separator_id=IGNORE_INDEX
+        )
     tokenizer.padding_side = "right"
     return DataCollatorForSeq2Seq(
         tokenizer,

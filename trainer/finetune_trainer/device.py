@@ -65,12 +65,16 @@ def _count(kind: str) -> int:
     return 1
 
 
-def select_device(kind: str, local_rank: int, local_world_size: int, requested_backend: str | None = None) -> DeviceInfo:
+def select_device(
+    kind: str, local_rank: int, local_world_size: int, requested_backend: str | None = None
+) -> DeviceInfo:
     """Check that this process has its device and pick the collective backend for it."""
     if kind != "cpu":
         count = _count(kind)
         if count == 0:
-            raise DeviceError(f"device {kind} requested but none is visible; found: {found_devices()}")
+            raise DeviceError(
+                f"device {kind} requested but none is visible; found: {found_devices()}"
+            )
         if local_rank >= count:
             raise DeviceError(
                 f"local rank {local_rank} needs {kind}:{local_rank} but only {count} {kind} "
@@ -85,10 +89,17 @@ def select_device(kind: str, local_rank: int, local_world_size: int, requested_b
         backend = "nccl"
     else:
         backend = "gloo"
-    if requested_backend and requested_backend != backend and not (
-        requested_backend == "xccl" and backend == "ccl"
+    if (
+        requested_backend
+        and requested_backend != backend
+        and not (requested_backend == "xccl" and backend == "ccl")
     ):
-        log.warning("FINETUNE_DIST_BACKEND=%s ignored: %s fits device %s here", requested_backend, backend, kind)
+        log.warning(
+            "FINETUNE_DIST_BACKEND=%s ignored: %s fits device %s here",
+            requested_backend,
+            backend,
+            kind,
+        )
     return DeviceInfo(kind=kind, backend=backend, local_rank=local_rank)
 
 

@@ -11,9 +11,9 @@ import os
 from typing import Any
 
 import torch
+
 from finetune_operator.api import Method
 from finetune_operator.resolve import ResolvedConfig
-
 from finetune_trainer.device import DeviceInfo, ipex_llm_available
 from finetune_trainer.tiny import resolve_bundled
 
@@ -41,7 +41,9 @@ def load_tokenizer(config: ResolvedConfig) -> Any:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_bundled(config.model_name), **_hub_kwargs(config))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_bundled(config.model_name), **_hub_kwargs(config)
+    )
     if tokenizer.pad_token_id is None:
         if tokenizer.unk_token_id is not None:
             tokenizer.pad_token = tokenizer.unk_token
@@ -51,7 +53,11 @@ def load_tokenizer(config: ResolvedConfig) -> Any:
             raise ValueError(
                 f"tokenizer of {config.model_name} has no pad, unk or eos token to pad with"
             )
-        log.info("tokenizer has no pad token: padding with %r (id %d)", tokenizer.pad_token, tokenizer.pad_token_id)
+        log.info(
+            "tokenizer has no pad token: padding with %r (id %d)",
+            tokenizer.pad_token,
+            tokenizer.pad_token_id,
+        )
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -74,7 +80,7 @@ def _quantization_config(config: ResolvedConfig) -> Any:
     from transformers import BitsAndBytesConfig
 
     assert config.quantization is not None
-    return BitsAndBytesConfig(
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=config.quantization.type,
         bnb_4bit_use_double_quant=config.quantization.double_quant,
@@ -89,11 +95,11 @@ def load_base_model(config: ResolvedConfig, device: DeviceInfo, quantize: bool =
 
     kwargs = _hub_kwargs(config) | {"dtype": compute_dtype(config), "attn_implementation": "sdpa"}
     if quantize and config.quantization is not None:
-        if device.kind == "xpu" and ipex_llm_available():
+        if _uses_ipex_llm(config, device):
             from ipex_llm.transformers import AutoModelForCausalLM as LowBitModel
 
             # ipex-llm's own nf4 kernels for Intel GPUs; the adapter code below is the same.
-            model = LowBitModel.from_pretrained(
+            low_bit = LowBitModel.from_pretrained(
                 resolve_bundled(config.model_name),
                 load_in_low_bit=config.quantization.type,
                 optimize_model=False,
@@ -101,23 +107,32 @@ def load_base_model(config: ResolvedConfig, device: DeviceInfo, quantize: bool =
                 torch_dtype=compute_dtype(config),
                 **_hub_kwargs(config),
             )
-            return model.to(device.torch_device)
+            low_bit.config.use_cache = False
+            return low_bit.to(device.torch_device)
         kwargs["quantization_config"] = _quantization_config(config)
         # Each DDP rank holds a whole copy on its own device.
         kwargs["device_map"] = {"": str(device.torch_device)}
-    model = AutoModelForCausalLM.from_pretrained(resolve_bundled(config.model_name), **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(resolve_bundled(config.model_name), **kwargs)
     if not (quantize and config.quantization is not None):
         model = model.to(device.torch_device)
     model.config.use_cache = False  # no KV cache while training
     return model
 
 
+def _uses_ipex_llm(config: ResolvedConfig, device: DeviceInfo) -> bool:
+    return config.quantization is not None and device.kind == "xpu" and ipex_llm_available()
+
+
 def prepare_model(config: ResolvedConfig, device: DeviceInfo) -> Any:
     """The model to train: LoRA-wrapped for qlora/lora; dpo gets its adapter from TRL."""
+    if _uses_ipex_llm(config, device):
+        # ipex-llm's low-bit layers need its own versions of these two peft functions.
+        from ipex_llm.transformers.qlora import get_peft_model, prepare_model_for_kbit_training
+    else:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
     model = load_base_model(config, device)
     if config.quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
         # Casts norms to fp32 and makes inputs require grad, as the seed recipe does.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
@@ -125,8 +140,6 @@ def prepare_model(config: ResolvedConfig, device: DeviceInfo) -> Any:
     elif config.gradient_checkpointing and config.method is not Method.FULL:
         model.enable_input_require_grads()
     if config.method in (Method.QLORA, Method.LORA):
-        from peft import get_peft_model
-
         model = get_peft_model(model, lora_config(config))
         model.print_trainable_parameters()
     return model

@@ -16,13 +16,14 @@ import sys
 import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api import GROUP, PLURAL, VERSION
 from transformers import TrainerCallback
+
+from finetune_operator.api import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,11 @@ class StatusPatcher:
     """Merge-patches status of one FinetuneJob from a background thread, newest report wins."""
 
     def __init__(
-        self, name: str, namespace: str, interval: float = 5.0, send: Callable[[dict[str, Any]], None] | None = None
+        self,
+        name: str,
+        namespace: str,
+        interval: float = 5.0,
+        send: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.name, self.namespace, self.interval = name, namespace, interval
         self._pending: dict[str, Any] = {}
@@ -89,7 +94,7 @@ class StatusPatcher:
             log.warning("no service-account token and no kubernetes package: status not reported")
             return None
         try:
-            config.load_kube_config()
+            config.load_kube_config()  # type: ignore[no-untyped-call]
         except Exception as error:
             log.warning("no usable KUBECONFIG (%s): status not reported", error)
             return None
@@ -130,7 +135,7 @@ class StatusPatcher:
         self._flush()
 
 
-class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+class ProgressCallback(TrainerCallback):
     """Rank 0's reporter: one JSON line per log event, checkpoint notices to the status."""
 
     def __init__(self, output_dir: Path, patcher: StatusPatcher | None) -> None:
@@ -146,7 +151,9 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         if state.is_world_process_zero and state.global_step:
             self._emit({"event": "resumed", "step": state.global_step, "maxSteps": state.max_steps})
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         if "loss" not in logs and "eval_loss" not in logs:

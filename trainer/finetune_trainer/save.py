@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from finetune_operator.api import Method
-from finetune_operator.resolve import ResolvedConfig
 from transformers import TrainerCallback
 
+from finetune_operator.api import Method
+from finetune_operator.resolve import ResolvedConfig
 from finetune_trainer.device import DeviceInfo
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def latest_complete_checkpoint(output: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-class CheckpointMarker(TrainerCallback):  # type: ignore[misc]
+class CheckpointMarker(TrainerCallback):
     """After each save: wait for every rank, then rank 0 marks the checkpoint complete."""
 
     def __init__(self, on_complete: Any = None) -> None:
@@ -72,7 +72,9 @@ def is_complete(output: Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def save_final(trainer: Any, config: ResolvedConfig, device: DeviceInfo, tokenizer: Any) -> dict[str, Any]:
+def save_final(
+    trainer: Any, config: ResolvedConfig, device: DeviceInfo, tokenizer: Any
+) -> dict[str, Any]:
     """Adapter (or full model), the optional merge, then COMPLETE, written last by rank 0."""
     output = Path(config.output_path)
     is_adapter = config.method is not Method.FULL
@@ -86,7 +88,9 @@ def save_final(trainer: Any, config: ResolvedConfig, device: DeviceInfo, tokeniz
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(target))
         if is_adapter and config.merge_adapter:
-            summary[MERGED_DIR] = str(merge_adapter(config, device, target, output / MERGED_DIR, tokenizer))
+            summary[MERGED_DIR] = str(
+                merge_adapter(config, device, target, output / MERGED_DIR, tokenizer)
+            )
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         summary["finalLoss"] = losses[-1] if losses else None
         summary["finishedAt"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -96,7 +100,9 @@ def save_final(trainer: Any, config: ResolvedConfig, device: DeviceInfo, tokeniz
     return summary
 
 
-def merge_adapter(config: ResolvedConfig, device: DeviceInfo, adapter: Path, target: Path, tokenizer: Any) -> Path:
+def merge_adapter(
+    config: ResolvedConfig, device: DeviceInfo, adapter: Path, target: Path, tokenizer: Any
+) -> Path:
     """Base model (unquantized, even for qlora: merging into 4-bit weights would round) + adapter."""
     from peft import PeftModel
 

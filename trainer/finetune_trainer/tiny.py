@@ -38,7 +38,7 @@ def resolve_bundled(name: str) -> str:
         return str(ensure_tiny_model())
     path = examples_dir() / item
     if not path.exists():
-        known = sorted(p.name for p in examples_dir().iterdir()) + [TINY_MODEL]
+        known = [*sorted(p.name for p in examples_dir().iterdir()), TINY_MODEL]
         raise FileNotFoundError(f"{name}: no bundled item {item!r}; bundled: {', '.join(known)}")
     return str(path)
 
@@ -89,7 +89,7 @@ def make_tokenizer(directory: Path) -> None:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
     )
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     fast.save_pretrained(str(directory))

@@ -21,16 +21,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from finetune_operator.api import Method
-from finetune_operator.resolve import ResolvedConfig, SpecError
 from transformers.trainer_callback import PrinterCallback
 
+from finetune_operator.api import Method
+from finetune_operator.resolve import ResolvedConfig, SpecError
 from finetune_trainer.config import World, check_batch_rule, format_table, reconcile_world
 from finetune_trainer.data import build_collator, build_datasets
 from finetune_trainer.device import OOM_ADVICE, DeviceInfo, importable, is_oom, select_device
-from finetune_trainer.model import lora_config, load_tokenizer, prepare_model
+from finetune_trainer.model import load_tokenizer, lora_config, prepare_model
 from finetune_trainer.progress import ProgressCallback, StatusPatcher
-from finetune_trainer.save import CheckpointMarker, is_complete, latest_complete_checkpoint, save_final
+from finetune_trainer.save import (
+    CheckpointMarker,
+    is_complete,
+    latest_complete_checkpoint,
+    save_final,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,9 @@ def resolve_auto_micro_batch(config: ResolvedConfig, world: World) -> ResolvedCo
     default = 4 if config.method is Method.DPO else 2
     micro = max(m for m in range(1, default + 1) if per_rank % m == 0) if per_rank else 1
     log.warning("microBatchSize auto: using %d (no memory probe yet)", micro)
-    return config.model_copy(update={"micro_batch_size": micro}).with_world(world.nodes, world.local_world_size)
+    return config.model_copy(update={"micro_batch_size": micro}).with_world(
+        world.nodes, world.local_world_size
+    )
 
 
 def init_distributed(device: DeviceInfo, world: World) -> None:
@@ -104,7 +111,9 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         "average_tokens_across_devices": True,
         "report_to": "none",
         "disable_tqdm": not (world.is_main and sys.stderr.isatty()),
-        "use_liger_kernel": config.fused_kernels and device.kind != "cpu" and importable("liger_kernel"),
+        "use_liger_kernel": config.fused_kernels
+        and device.kind != "cpu"
+        and importable("liger_kernel"),
         "log_level_replica": "error",
     }
     if config.deepspeed_zero_stage is not None:
@@ -122,7 +131,7 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
             "gradient_clipping": "auto",
         }
     if config.method is Method.DPO:
-        from trl import DPOConfig
+        from trl.trainer.dpo_config import DPOConfig
 
         assert config.dpo is not None
         return DPOConfig(
@@ -134,7 +143,9 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
     return TrainingArguments(**common, remove_unused_columns=False)
 
 
-def build_trainer(config: ResolvedConfig, device: DeviceInfo, world: World, callbacks: list[Any]) -> tuple[Any, Any]:
+def build_trainer(
+    config: ResolvedConfig, device: DeviceInfo, world: World, callbacks: list[Any]
+) -> tuple[Any, Any]:
     from transformers import set_seed
 
     # Before the model: the LoRA A matrices are drawn at random, and every rank (and every
@@ -144,12 +155,12 @@ def build_trainer(config: ResolvedConfig, device: DeviceInfo, world: World, call
     train_data, eval_data = build_datasets(config, tokenizer)
     args = training_arguments(config, device, world)
     if config.method is Method.DPO:
-        from trl import DPOTrainer
+        from trl.trainer.dpo_trainer import DPOTrainer
 
         # LoRA adapter on the (optionally 4-bit) base; the reference is the base with the
         # adapter switched off, so no second model is held in memory.
         base = prepare_model(config, device)
-        trainer = DPOTrainer(
+        trainer: Any = DPOTrainer(
             model=base,
             args=args,
             train_dataset=train_data,
@@ -179,10 +190,15 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     output = Path(config.output_path)
     done = is_complete(output)
     if done is not None:
-        log.info("%s already holds a finished run (step %s): nothing to do", output, done.get("step"))
+        log.info(
+            "%s already holds a finished run (step %s): nothing to do", output, done.get("step")
+        )
         return RunResult(output, done, None)
     device = select_device(
-        config.device.value, world.local_rank, world.local_world_size, os.environ.get("FINETUNE_DIST_BACKEND")
+        config.device.value,
+        world.local_rank,
+        world.local_world_size,
+        os.environ.get("FINETUNE_DIST_BACKEND"),
     )
     config = resolve_auto_micro_batch(reconcile_world(config, world), world)
     check_batch_rule(config, world)
@@ -190,7 +206,10 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
         output.mkdir(parents=True, exist_ok=True)
         log.info(
             "finetune-train: %s on %d process(es), backend %s\n%s",
-            config.method.value, world.world_size, device.backend, format_table(config),
+            config.method.value,
+            world.world_size,
+            device.backend,
+            format_table(config),
         )
     init_distributed(device, world)
 
@@ -210,7 +229,9 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
         summary = save_final(trainer, config, device, tokenizer)
     except Exception as error:
         if is_oom(error):
-            raise TrainingError(f"{OOM_ADVICE} (microBatchSize {config.micro_batch_size}, cutoffLen {config.cutoff_len}, gradientCheckpointing {config.gradient_checkpointing})") from error
+            raise TrainingError(
+                f"{OOM_ADVICE} (microBatchSize {config.micro_batch_size}, cutoffLen {config.cutoff_len}, gradientCheckpointing {config.gradient_checkpointing})"
+            ) from error
         raise
     finally:
         if patcher is not None:
@@ -228,9 +249,11 @@ def _test_hooks() -> list[Any]:
         return []
     from transformers import TrainerCallback
 
-    class Fault(TrainerCallback):  # type: ignore[misc]
+    fault_step = int(step)
+
+    class Fault(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.is_world_process_zero and state.global_step >= int(step):
+            if state.is_world_process_zero and state.global_step >= fault_step:
                 import signal
 
                 os.kill(os.getpid(), signal.SIGKILL)
