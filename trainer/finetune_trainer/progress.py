@@ -93,12 +93,14 @@ class StatusPatcher:
         except ImportError:
             log.warning("no service-account token and no kubernetes package: status not reported")
             return None
-        try:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
+        try:  # KUBECONFIG read now: the kubernetes package reads it once, at import
+            api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                config_file=os.environ.get("KUBECONFIG")
+            )
         except Exception as error:
             log.warning("no usable KUBECONFIG (%s): status not reported", error)
             return None
-        api = client.CustomObjectsApi()
+        api = client.CustomObjectsApi(api_client)
 
         def send_kubeconfig(body: dict[str, Any]) -> None:
             api.patch_namespaced_custom_object_status(
