@@ -177,3 +177,24 @@ def test_cli_bad_spec_exits_2_with_message(
     bad = job(tmp_path / "bad.yaml", **{"training.globalBatchSize": 7})
     assert main([str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "globalBatchSize 7" in capsys.readouterr().err
+
+
+def test_finished_run_is_not_trained_again(tmp_path: Path) -> None:
+    from finetune_trainer.train import run
+
+    (tmp_path / "COMPLETE").write_text(json.dumps({"step": 20, "adapter": "x"}))
+    result = run(load_config(EXAMPLE, output=str(tmp_path)), world(1))
+    assert result.summary["step"] == 20 and result.resumed_from is None
+
+
+def test_deepspeed_missing_is_a_clear_error(tmp_path: Path) -> None:
+    from finetune_trainer.device import importable
+    from finetune_trainer.train import TrainingError, training_arguments
+
+    if importable("deepspeed"):
+        pytest.skip("deepspeed is installed")
+    full = load_config(
+        job(tmp_path / "j.yaml", method="full", **{"training.deepspeedZeroStage": 2})
+    )
+    with pytest.raises(TrainingError, match=r"needs DeepSpeed.*finetune-operator\[deepspeed\]"):
+        training_arguments(full, CPU, world(2))

@@ -28,6 +28,8 @@ from finetune_operator.api import GROUP, PLURAL, VERSION
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.jsonl"
+# status.progress fields of the CRD (finetune_operator.api); the JSON lines carry gradNorm too.
+STATUS_FIELDS = ("step", "maxSteps", "epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond")
 _SA = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -179,7 +181,7 @@ class ProgressCallback(TrainerCallback):
             record["gradNormFinite"] = False
         self._emit({k: v for k, v in record.items() if v is not None})
         if self.patcher is not None:
-            progress = {k: v for k, v in record.items() if v is not None and k not in ("gradNorm",)}
+            progress = {k: v for k, v in record.items() if v is not None and k in STATUS_FIELDS}
             progress["summary"] = f"{state.global_step}/{state.max_steps}"
             progress["updatedAt"] = _now()
             self.patcher.report({"progress": progress})
