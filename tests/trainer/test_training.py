@@ -110,3 +110,21 @@ def test_dpo_two_processes(tmp_path: Path) -> None:
     train(job(tmp_path / "job.yaml", **spec), output, nproc=2)
     _assert_trained(output, "dpo")
     _adapter_loads(output / "adapter", "bundled://tiny-llama")
+
+
+def test_loss_normalised_over_global_batch_tokens(run_a: Path, tmp_path: Path) -> None:
+    """micro-batch 1 x accumulation 4 (world 2) == micro-batch 2 x accumulation 2 (run A).
+
+    Examples have different lengths, so a mean per micro-batch (averaged over accumulation
+    steps and ranks) would weight tokens differently for the two splits and the updates
+    would part; only a sum over the global batch's label tokens divided by their count
+    keeps them equal. Killed after step 4 to keep the test short.
+    """
+    output = tmp_path / "out"
+    micro1 = job(tmp_path / "job.yaml", **{"training.microBatchSize": 1})
+    train(micro1, output, nproc=2, env={"FINETUNE_FAULT_AT_STEP": "4"}, check=False)
+    a, d = losses(run_a), losses(output)
+    assert set(range(1, 4)) <= set(d)
+    worst = max(abs(a[s] - d[s]) / abs(a[s]) for s in range(1, 4))
+    print(f"token normalisation: worst relative loss difference over steps 1-3: {worst:.2e}")
+    assert worst < SAME_BATCH_RTOL

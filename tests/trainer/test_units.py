@@ -198,3 +198,9 @@ def test_deepspeed_missing_is_a_clear_error(tmp_path: Path) -> None:
     )
     with pytest.raises(TrainingError, match=r"needs DeepSpeed.*finetune-operator\[deepspeed\]"):
         training_arguments(full, CPU, world(2))
+
+
+def test_resolved_json_as_the_operator_mounts_it(tmp_path: Path, config: Any) -> None:
+    mounted = tmp_path / "config.json"
+    mounted.write_text(config.to_json())
+    assert load_config(mounted) == config

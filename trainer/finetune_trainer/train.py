@@ -152,8 +152,10 @@ def build_trainer(
     # restart) must draw the same ones. The Trainer seeds only once it is built.
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
-    train_data, eval_data = build_datasets(config, tokenizer)
     args = training_arguments(config, device, world)
+    # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
+    with args.main_process_first(local=False, desc="tokenizing the data set"):
+        train_data, eval_data = build_datasets(config, tokenizer)
     if config.method is Method.DPO:
         from trl.trainer.dpo_trainer import DPOTrainer
 
