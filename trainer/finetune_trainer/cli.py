@@ -63,7 +63,7 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 def _fail(message: str, code: int) -> int:
     print(f"finetune-train: error: {message}", file=sys.stderr, flush=True)
-    if os.environ.get("RANK", "0") == "0" and TERMINATION_LOG.parent.exists():
+    if os.environ.get("RANK", "0") == "0" and TERMINATION_LOG.exists():  # kubelet mounts it
         with contextlib.suppress(OSError):  # Kubernetes shows it as the termination message
             TERMINATION_LOG.write_text(message[:4000])
     return code

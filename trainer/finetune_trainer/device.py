@@ -112,4 +112,11 @@ def is_oom(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
     text = str(error).lower()
-    return "out of memory" in text or "ur_result_error_out_of_device_memory" in text
+    return any(
+        sign in text
+        for sign in (
+            "out of memory",
+            "ur_result_error_out_of_device_memory",
+            "can't allocate memory",
+        )
+    )
