@@ -1,0 +1,241 @@
+"""Helpers shared by the fault runs and the spec fuzzing (tests/e2e/test_faults*.py,
+tests/e2e/test_spec_fuzz*.py) and by benchmarks/operator_scale.py.
+
+- server-side dry run of arbitrary objects (the kinds a FinetuneJob renders into);
+- a census of what a namespace holds (children per FinetuneJob, duplicates, orphans);
+- an operator process that can be SIGKILLed and restarted (used when the colleague's
+  ``operator_fixtures`` is not there yet or does not expose a pid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from local_cluster import REPO_ROOT, Cluster
+
+from finetune_operator.api import GROUP, PLURAL, VERSION
+
+FTJ = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+
+
+def api_error_message(error: Exception) -> str:
+    """The API server's message out of an ApiException (its Status body), else str(error)."""
+    import json
+
+    body = getattr(error, "body", None)
+    if body:
+        try:
+            return str(json.loads(body).get("message") or body)
+        except (ValueError, AttributeError):
+            return str(body)
+    return str(error)
+
+
+# Plural resource per kind, for the kinds a FinetuneJob renders into (and itself).
+PLURALS = {
+    "ServiceAccount": "serviceaccounts",
+    "ConfigMap": "configmaps",
+    "Service": "services",
+    "Secret": "secrets",
+    "Pod": "pods",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "Job": "jobs",
+    "FinetuneJob": PLURAL,
+}
+
+
+def resource_path(api_version: str, kind: str, namespace: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{PLURALS[kind]}"
+
+
+def dry_run_create(kube_api: Any, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """POSTs ``obj`` into ``namespace`` with dryRun=All and fieldValidation=Strict: what
+    ``kubectl apply --dry-run=server`` checks (schema, CEL, admission, unknown fields), and
+    returns the object the API server would store. Raises ApiException on a rejection.
+
+    Raw REST on purpose: the typed clients of kubernetes>=35 validate bodies with pydantic
+    on the client side (e.g. refuse ``cpu: 2``), which would hide what the server says.
+    """
+    request = kube_api.param_serialize(
+        method="POST",
+        resource_path=resource_path(obj["apiVersion"], obj["kind"], namespace),
+        query_params=[("dryRun", "All"), ("fieldValidation", "Strict")],
+        header_params={"Accept": "application/json", "Content-Type": "application/json"},
+        body=obj,
+        auth_settings=["BearerToken"],
+    )
+    return kube_api._call_with_legacy_options(  # type: ignore[no-any-return]
+        request, {"200": "object", "201": "object"}, None, True, None, True
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# What a namespace holds
+
+
+CHILD_KINDS = ("Job", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
+
+
+@dataclass
+class Census:
+    """Children in a namespace, grouped by the FinetuneJob (uid) that controls them."""
+
+    jobs: dict[str, dict[str, Any]]  # FinetuneJob name -> object
+    children: dict[str, list[tuple[str, str]]] = field(
+        default_factory=dict
+    )  # owner uid -> (kind, name)
+    orphans: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, name, owner uid)
+    pods: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # owner job name -> pods
+
+    def duplicates(self) -> dict[str, list[tuple[str, str]]]:
+        """Per FinetuneJob, child kinds present more than once (there must be one of each)."""
+        result = {}
+        for uid, items in self.children.items():
+            counts = Counter(kind for kind, _ in items)
+            extra = [(kind, name) for kind, name in items if counts[kind] > 1]
+            if extra:
+                result[uid] = extra
+        return result
+
+
+def take_census(kube_api: Any, namespace: str) -> Census:
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(kube_api)
+    core = client.CoreV1Api(kube_api)
+    rbac = client.RbacAuthorizationV1Api(kube_api)
+    batch = client.BatchV1Api(kube_api)
+    jobs = {
+        item["metadata"]["name"]: item
+        for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    }
+    uids = {job["metadata"]["uid"] for job in jobs.values()}
+    census = Census(jobs=jobs)
+    listings = {
+        "Job": batch.list_namespaced_job,
+        "Service": core.list_namespaced_service,
+        "ConfigMap": core.list_namespaced_config_map,
+        "ServiceAccount": core.list_namespaced_service_account,
+        "Role": rbac.list_namespaced_role,
+        "RoleBinding": rbac.list_namespaced_role_binding,
+    }
+    for kind, listing in listings.items():
+        for item in listing(namespace).items:
+            owners = [
+                ref
+                for ref in (item.metadata.owner_references or [])
+                if ref.kind == "FinetuneJob" and ref.controller
+            ]
+            if not owners:
+                continue
+            uid = owners[0].uid
+            if uid in uids:
+                census.children.setdefault(uid, []).append((kind, item.metadata.name))
+            elif item.metadata.deletion_timestamp is None:
+                census.orphans.append((kind, item.metadata.name, uid))
+    for pod in core.list_namespaced_pod(namespace).items:
+        labels = pod.metadata.labels or {}
+        job_name = labels.get("finetune.dev/job-name")
+        if job_name:
+            census.pods.setdefault(job_name, []).append(
+                {
+                    "name": pod.metadata.name,
+                    "phase": pod.status.phase,
+                    "node": pod.spec.node_name,
+                    "deleting": pod.metadata.deletion_timestamp is not None,
+                    "owner": (pod.metadata.owner_references or [None])[0],
+                }
+            )
+    return census
+
+
+# --------------------------------------------------------------------------------------------
+# An operator process
+
+
+@dataclass
+class OperatorProcess:
+    """``finetune-operator run`` as a subprocess, for killing and restarting."""
+
+    cluster: Cluster
+    log_path: Path
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "finetune_operator.cli", "run", *self.args]
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        env = self.cluster.env()
+        env.update(self.env)
+        self.starts += 1
+        log = self.log_path.open("ab")
+        log.write(f"\n===== start {self.starts} at {time.time():.3f} =====\n".encode())
+        log.flush()
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, sig)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (kopf's graceful stop), then SIGKILL after a while."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, lines: int = 80) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def operator_process(
+    cluster: Cluster, log_path: Path, *args: str, **env: str
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster=cluster, log_path=log_path, args=args, env=env)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
