@@ -467,6 +467,21 @@ STATUS_FIELDS: dict[str, dict[str, Any]] = {
         },
     },
     "restarts": {"type": "integer", "description": "Whole-group restarts so far."},
+    "lastFailure": {
+        "type": "object",
+        "description": "The worker failure that caused the last group restart (or the failure).",
+        "properties": {
+            "pod": {"type": "string", "description": "The pod that failed first."},
+            "reason": {"type": "string", "description": "Why it failed (pod or container reason)."},
+            "message": {"type": "string", "description": "What the pod or its container said."},
+            "exitCode": {"type": "integer", "description": "Exit code of the trainer, if it ran."},
+            "time": {"type": "string", "format": "date-time", "description": "When it was seen."},
+            "jobUid": {
+                "type": "string",
+                "description": "uid of the worker Job that failed: counts each failure once.",
+            },
+        },
+    },
     "worldSize": {"type": "integer", "description": "World size of the running group."},
     "startTime": {"type": "string", "format": "date-time", "description": "When training began."},
     "completionTime": {

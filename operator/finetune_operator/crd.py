@@ -97,11 +97,15 @@ def _batch_rule() -> Schema:
     auto = f"(has(self.training) && has({training}.microBatchSize) && type({training}.microBatchSize) == string)"
     return {
         "rule": f"{auto} || ({global_batch} % ({micro} * {world}) == 0)",
-        "messageExpression": (
-            f"'the batch rule needs globalBatchSize (' + string({global_batch}) + ') to be a "
-            f"multiple of microBatchSize (' + string({micro}) + ') x workers x devicesPerWorker "
-            f"(world size ' + string({world}) + '): choose a world size that divides ' + "
-            f"string({global_batch} / {micro}) + ', or change training.globalBatchSize'"
+        # A static message: the API server's CEL cost estimate rejects a messageExpression
+        # that formats these numbers (string(int) is costed as unbounded). The operator's
+        # Valid condition and `finetune-operator render` name the world sizes that work.
+        "message": (
+            "the batch rule: training.globalBatchSize must be a multiple of "
+            "training.microBatchSize x workers x devicesPerWorker (the world size), so that "
+            "gradient accumulation is a whole number >= 1. Choose a world size that divides "
+            "globalBatchSize / microBatchSize (defaults: 128 / 2 = 64, so 1, 2, 4, 8, 16, 32 "
+            "or 64), or change training.globalBatchSize"
         ),
         "reason": "FieldValueInvalid",
         "fieldPath": ".workers",

@@ -316,7 +316,9 @@ def build_pod_template(
     }
     pod_spec.update({key: value for key, value in passthrough.items() if value})
     return {
-        "metadata": {"labels": {**common_labels(job), ROLE_LABEL: "worker"}},
+        "metadata": {
+            "labels": {**settings.extra_pod_labels, **common_labels(job), ROLE_LABEL: "worker"}
+        },
         "spec": pod_spec,
     }
 

@@ -24,6 +24,9 @@ class OperatorSettings:
     # Resource name per device kind ("xpu", "cuda"), overriding api.DEFAULT_DEVICE_RESOURCE.
     device_resources: dict[str, str] = field(default_factory=dict)
     namespaces: tuple[str, ...] = ()
+    # Labels added to every worker pod template. For tests only (e.g. the local control
+    # plane's `finetune.dev/simulate=manual`); empty in production.
+    extra_pod_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -39,4 +42,15 @@ class OperatorSettings:
                 else {}
             ),
             namespaces=namespaces,
+            extra_pod_labels=parse_labels(os.environ.get("FTO_EXTRA_POD_LABELS", "")),
         )
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """"k=v,k2=v2" -> {"k": "v", "k2": "v2"}."""
+    labels = {}
+    for item in text.split(","):
+        if item.strip():
+            key, _, value = item.partition("=")
+            labels[key.strip()] = value.strip()
+    return labels
