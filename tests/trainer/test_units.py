@@ -34,7 +34,11 @@ from finetune_trainer.data import (
 from finetune_trainer.device import OOM_ADVICE, DeviceError, DeviceInfo, is_oom, select_device
 from finetune_trainer.model import load_base_model, load_tokenizer
 from finetune_trainer.progress import StatusPatcher
-from finetune_trainer.save import CHECKPOINT_MARKER, latest_complete_checkpoint
+from finetune_trainer.save import (
+    CHECKPOINT_MARKER,
+    latest_complete_checkpoint,
+    remove_incomplete_checkpoints,
+)
 from finetune_trainer.tiny import resolve_bundled
 
 CPU = DeviceInfo(kind="cpu", backend="gloo", local_rank=0)
@@ -137,6 +141,8 @@ def test_latest_complete_checkpoint_skips_partial(tmp_path: Path) -> None:
     for step in (10, 20):
         (tmp_path / f"checkpoint-{step}" / CHECKPOINT_MARKER).write_text("{}")
     assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    assert remove_incomplete_checkpoints(tmp_path) == [tmp_path / "checkpoint-30"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-20"]
 
 
 def test_missing_device_says_what_was_found() -> None:
@@ -204,3 +210,14 @@ def test_resolved_json_as_the_operator_mounts_it(tmp_path: Path, config: Any) ->
     mounted = tmp_path / "config.json"
     mounted.write_text(config.to_json())
     assert load_config(mounted) == config
+
+
+def test_auto_micro_batch_keeps_global_batch(config: Any) -> None:
+    from finetune_trainer.train import resolve_auto_micro_batch
+
+    auto = config.model_copy(
+        update={"micro_batch_size": "auto", "gradient_accumulation_steps": None}
+    )
+    chosen = resolve_auto_micro_batch(auto, world(2))
+    check_batch_rule(chosen, world(2))
+    assert chosen.global_batch_size == 8

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,21 @@ def latest_complete_checkpoint(output: Path) -> Path | None:
         elif match:
             log.warning("ignoring incomplete checkpoint %s (no %s)", child, CHECKPOINT_MARKER)
     return max(found)[1] if found else None
+
+
+def remove_incomplete_checkpoints(output: Path) -> list[Path]:
+    """Delete checkpoint-N folders without the marker (a save cut short by a kill).
+
+    Left in place, the Trainer's save_total_limit rotation would count such a folder as the
+    newest and could delete the last complete checkpoint instead. Rank 0 only, before training.
+    """
+    removed = []
+    if output.is_dir():
+        for child in output.iterdir():
+            if _CHECKPOINT.match(child.name) and not (child / CHECKPOINT_MARKER).exists():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
 
 
 class CheckpointMarker(TrainerCallback):

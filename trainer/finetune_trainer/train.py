@@ -34,6 +34,7 @@ from finetune_trainer.save import (
     CheckpointMarker,
     is_complete,
     latest_complete_checkpoint,
+    remove_incomplete_checkpoints,
     save_final,
 )
 
@@ -224,6 +225,10 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     trainer, tokenizer = build_trainer(config, device, world, callbacks)
     trainer.remove_callback(PrinterCallback)  # progress prints JSON lines instead
     resume = latest_complete_checkpoint(output)
+    if world.is_main:
+        for partial in remove_incomplete_checkpoints(output):
+            log.warning("removed incomplete checkpoint %s", partial)
+    trainer.accelerator.wait_for_everyone()
     if resume is not None and world.is_main:
         log.info("resuming from %s", resume)
     try:
