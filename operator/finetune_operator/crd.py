@@ -96,7 +96,8 @@ def _batch_rule() -> Schema:
     )
     auto = f"(has(self.training) && has({training}.microBatchSize) && type({training}.microBatchSize) == string)"
     return {
-        "rule": f"{auto} || ({global_batch} % ({micro} * {world}) == 0)",
+        # A divisor below 1 is the schema's error to report (minimum 1), not a CEL failure.
+        "rule": f"{auto} || {micro} < 1 || {world} < 1 || ({global_batch} % ({micro} * {world}) == 0)",
         # A static message: the API server's CEL cost estimate rejects a messageExpression
         # that formats these numbers (string(int) is costed as unbounded). The operator's
         # Valid condition and `finetune-operator render` name the world sizes that work.
