@@ -1,0 +1,553 @@
+"""Reconcile one FinetuneJob: observe, decide (pure: `plan`), act (`Reconciler`).
+
+`plan(Inputs) -> Plan` holds every decision and is what the unit tests drive:
+
+- invalid spec: Valid=False with the reason and an Event; nothing is created, and a running
+  group is left as it is (a rejected edit changes nothing but the condition);
+- Succeeded / Failed are final: nothing is recreated; after ttlSecondsAfterFinished the
+  worker Job (with its pods) and the Service are deleted, the FinetuneJob is kept;
+- a failed worker Job, or a worker pod that failed or went away (deleted, node lost) while it
+  should run: the whole group restarts (the Job is deleted and recreated, the trainer resumes
+  from its last checkpoint), `restarts` + 1, up to `backoffLimit`, then Failed with the pod's
+  reason; `lastFailure.jobUid` makes the count exactly-once across operator restarts;
+- a changed pod template (world size, image, ...): the group restarts with it (Scaling when
+  the world size changed: the ConfigMap carries the recomputed accumulation);
+- otherwise: every object applied (created, drift repaired; suspend follows the spec) and the
+  phase is Running only when every worker runs.
+
+The `Reconciler` reads the objects, calls `plan`, and carries the plan out through `Kube`.
+Every name is deterministic and every write is an idempotent apply or a uid-preconditioned
+delete, so the operator may be killed at any point and simply run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from finetune_operator import metrics
+from finetune_operator.api import API_VERSION, KIND, ConditionType, FinetuneJobSpec, Phase
+from finetune_operator.kube import Kube, KubeError
+from finetune_operator.objects import JobRef, Names, build_desired_objects, selector_labels
+from finetune_operator.resolve import ResolvedConfig, SpecError, parse_spec, resolve
+from finetune_operator.settings import OperatorSettings
+from finetune_operator.status import (
+    TEMPLATE_HASH_ANNOTATION,
+    Event,
+    Reason,
+    WorkerJob,
+    WorkerPod,
+    condition,
+    first_broken,
+    get_condition,
+    job_view,
+    merge_conditions,
+    parse_time,
+    phase_of,
+    pod_view,
+    status_patch,
+    timestamp,
+    transition_events,
+    workers_status,
+)
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+# Seconds between looks at a job that is waiting for something the watches may not report.
+SHORT_REQUEUE = 2.0
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything `plan` looks at."""
+
+    name: str
+    generation: int
+    status: Mapping[str, Any]
+    spec: FinetuneJobSpec | None
+    error: SpecError | None
+    resolved: ResolvedConfig | None
+    template_hash: str | None
+    job: WorkerJob | None
+    pods: tuple[WorkerPod, ...]
+    service_exists: bool
+    now: datetime
+    requested_workers: int = 0
+
+
+@dataclass
+class Plan:
+    status: Obj
+    events: list[Event] = field(default_factory=list)
+    apply_objects: bool = False  # SA, Role, RoleBinding, ConfigMap, Service
+    apply_job: bool = False  # create the worker Job, or sync its suspend / metadata
+    delete_job: str | None = None  # uid: replace the group (foreground delete)
+    cleanup: bool = False  # TTL: delete the worker Job (and pods) and the Service
+    requeue_after: float | None = None
+
+
+def template_hash(job: Mapping[str, Any]) -> str:
+    """Hash of what a running group cannot change in place: the worker Job's spec without
+    `suspend` (which the Job controller applies live)."""
+    spec = {k: v for k, v in (job.get("spec") or {}).items() if k != "suspend"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _restart_reason(previous: Mapping[str, Any] | None) -> tuple[Reason, str] | None:
+    """The reason and message of a group restart in progress, as the Running condition says."""
+    if previous and previous.get("reason") in (
+        Reason.RESTARTING.value,
+        Reason.SCALING.value,
+        Reason.SPEC_CHANGED.value,
+    ):
+        return Reason(previous["reason"]), str(previous.get("message", ""))
+    return None
+
+
+def plan(i: Inputs) -> Plan:
+    prev = dict(i.status)
+    old_conditions: list[Obj] = list(prev.get("conditions") or [])
+    prev_phase = phase_of(prev)
+    gen, now = i.generation, i.now
+    conditions: list[Obj] = []
+
+    def cond(type_: ConditionType, status: bool, reason: Reason, message: str) -> None:
+        conditions.append(condition(type_, status, reason, message, gen, now))
+
+    restarts = int(prev.get("restarts") or 0)
+    status: Obj = {"observedGeneration": gen, "restarts": restarts}
+    result = Plan(status=status)
+    pods = i.pods
+    prev_running = get_condition(old_conditions, ConditionType.RUNNING)
+
+    def finish() -> Plan:
+        merged = merge_conditions(old_conditions, conditions)
+        status["conditions"] = merged
+        result.events = transition_events(old_conditions, merged)
+        return result
+
+    # -- invalid spec: report, create nothing, touch nothing -----------------------------------
+    if i.spec is None or i.resolved is None:
+        error = i.error or SpecError("the spec could not be read")
+        if i.job is None:
+            tail = "Nothing was created: fix the spec (kubectl edit) and it is picked up."
+        else:
+            tail = (
+                "The change was not applied: the running group is left as it is. Fix the "
+                "spec or undo the edit."
+            )
+        cond(ConditionType.VALID, False, Reason.for_spec_error(error.reason), f"{error} {tail}")
+        status["phase"] = (prev_phase or Phase.PENDING).value
+        desired = (prev.get("workers") or {}).get("desired", i.requested_workers)
+        status["workers"] = workers_status(desired, pods)
+        if i.job is None and prev_phase in (None, Phase.PENDING):
+            cond(ConditionType.CREATED, False, Reason.NOT_CREATED, "The spec is not valid.")
+        return finish()
+
+    spec, resolved = i.spec, i.resolved
+    accumulation = resolved.gradient_accumulation_steps
+    cond(
+        ConditionType.VALID,
+        True,
+        Reason.SPEC_VALID,
+        f"World size {resolved.world_size} ({resolved.workers} workers x "
+        f"{resolved.devices_per_worker} devices), global batch {resolved.global_batch_size}, "
+        f"micro-batch {resolved.micro_batch_size}, gradient accumulation "
+        f"{accumulation if accumulation is not None else 'auto'}.",
+    )
+    status["resolved"] = resolved.model_dump(mode="json", by_alias=True, exclude_none=True)
+    status["workers"] = workers_status(resolved.workers, pods)
+    status["worldSize"] = i.job.world_size if i.job and i.job.world_size else resolved.world_size
+
+    # -- final phases: keep them; clean up after the TTL ------------------------------------------
+    if prev_phase in (Phase.SUCCEEDED, Phase.FAILED):
+        status["phase"] = prev_phase.value
+        ttl = spec.ttl_seconds_after_finished
+        if ttl is not None:
+            finished = parse_time(prev.get("completionTime")) or now
+            due = finished + timedelta(seconds=ttl)
+            if now >= due:
+                if i.job is not None or i.service_exists:
+                    result.cleanup = True
+                cond(
+                    ConditionType.CREATED,
+                    False,
+                    Reason.CLEANED_UP,
+                    f"ttlSecondsAfterFinished ({ttl}s) passed: the worker pods, their Job and "
+                    "the Service were deleted. The FinetuneJob, its status and the output "
+                    "volume are kept.",
+                )
+            else:
+                result.requeue_after = (due - now).total_seconds()
+        return finish()
+
+    suspended_condition = get_condition(old_conditions, ConditionType.SUSPENDED)
+    if spec.suspend:
+        cond(
+            ConditionType.SUSPENDED,
+            True,
+            Reason.SUSPENDED,
+            "spec.suspend is true: the worker pods are stopped and the job is kept. Set it to "
+            "false to resume from the last checkpoint.",
+        )
+    elif suspended_condition and suspended_condition.get("status") == "True":
+        cond(
+            ConditionType.SUSPENDED,
+            False,
+            Reason.RESUMED,
+            "Resumed: the workers start again from the last checkpoint.",
+        )
+    elif suspended_condition is None or suspended_condition.get("reason") != Reason.RESUMED.value:
+        cond(ConditionType.SUSPENDED, False, Reason.NOT_SUSPENDED, "The job is not suspended.")
+    cond(ConditionType.SUCCEEDED, False, Reason.NOT_FINISHED, "Training has not finished.")
+
+    def no_failure() -> None:
+        message = (
+            "No worker has failed."
+            if restarts == 0
+            else (
+                f"The group was restarted {restarts} time(s) after worker failures (backoffLimit "
+                f"{spec.backoff_limit}); see status.lastFailure."
+            )
+        )
+        cond(ConditionType.FAILED, False, Reason.NO_FAILURE, message)
+
+    def created() -> None:
+        cond(
+            ConditionType.CREATED,
+            True,
+            Reason.OBJECTS_CREATED,
+            f"Created the worker Job {Names(i.name).workers}, the Service, the ConfigMap "
+            "and the trainer's RBAC.",
+        )
+
+    def waiting(job_exists: bool) -> None:
+        """Not every worker runs yet: Pending, or Restarting while a group restart is on."""
+        restart = _restart_reason(prev_running) if prev_phase is Phase.RESTARTING else None
+        if spec.suspend:
+            status["phase"] = Phase.SUSPENDED.value
+            cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "The job is suspended.")
+        elif restart is not None:
+            status["phase"] = Phase.RESTARTING.value
+            cond(ConditionType.RUNNING, False, restart[0], restart[1])
+        else:
+            status["phase"] = Phase.PENDING.value
+            ready = status["workers"]["ready"]
+            what = (
+                f"{ready}/{resolved.workers} workers running: training counts as Running once "
+                "every worker runs (pods Pending are waiting for nodes with free "
+                f"{resolved.device_resource or 'cpu'})."
+                if job_exists
+                else "Creating the worker group."
+            )
+            cond(ConditionType.RUNNING, False, Reason.WAITING_FOR_WORKERS, what)
+        result.requeue_after = SHORT_REQUEUE if not job_exists else None
+
+    job = i.job
+    broken = first_broken(pods)
+    checkpoint = (prev.get("checkpoint") or {}).get("step")
+    from_where = f"checkpoint step {checkpoint}" if checkpoint else "the last checkpoint"
+
+    if job is not None and job.deleting:
+        # Being replaced (a restart or a new world size) or deleted by hand: wait until gone.
+        result.apply_objects = True
+        created()
+        no_failure()
+        waiting(job_exists=False)
+        result.requeue_after = SHORT_REQUEUE
+        return finish()
+
+    if job is not None and not job.complete and (job.failed or (broken and not job.suspended)):
+        what = (
+            broken.describe()
+            if broken
+            else (
+                f"the worker Job failed ({job.failure_reason or 'Failed'}: "
+                f"{job.failure_message or 'no message'})"
+            )
+        )
+        last = dict(prev.get("lastFailure") or {})
+        result.apply_objects = True
+        created()
+        if last.get("jobUid") == job.uid:
+            # Counted already (the operator stopped half way): finish the restart.
+            result.delete_job = job.uid
+            no_failure()
+            status["phase"] = Phase.RESTARTING.value
+            restart = _restart_reason(prev_running) or (Reason.RESTARTING, what)
+            cond(ConditionType.RUNNING, False, restart[0], restart[1])
+            return finish()
+        failure: Obj = {
+            "pod": broken.name if broken else None,
+            "reason": (broken.reason if broken else job.failure_reason) or "Failed",
+            "message": (broken.message if broken else job.failure_message) or what,
+            "exitCode": broken.exit_code if broken else None,
+            "time": timestamp(now),
+            "jobUid": job.uid,
+        }
+        status["lastFailure"] = {k: v for k, v in failure.items() if v is not None}
+        if restarts >= spec.backoff_limit:
+            status["phase"] = Phase.FAILED.value
+            status["completionTime"] = timestamp(now)
+            cond(
+                ConditionType.FAILED,
+                True,
+                Reason.BACKOFF_LIMIT_EXCEEDED,
+                f"{what}. The group was restarted {restarts} time(s) and backoffLimit is "
+                f"{spec.backoff_limit}: read the pod's logs (kubectl logs {failure['pod'] or ''})"
+                " and the Events, fix the cause, then re-create the FinetuneJob (or raise "
+                "spec.backoffLimit).",
+            )
+            cond(ConditionType.RUNNING, False, Reason.WORKER_FAILED, what)
+            return finish()
+        restarts += 1
+        status["restarts"] = restarts
+        status["phase"] = Phase.RESTARTING.value
+        result.delete_job = job.uid
+        no_failure()
+        cond(
+            ConditionType.RUNNING,
+            False,
+            Reason.RESTARTING,
+            f"{what}: restarting the whole group from {from_where} (restart {restarts} of "
+            f"backoffLimit {spec.backoff_limit}).",
+        )
+        return finish()
+
+    if job is not None and job.complete:
+        status["phase"] = Phase.SUCCEEDED.value
+        status["completionTime"] = job.completion_time or timestamp(now)
+        no_failure()
+        conditions[:] = [c for c in conditions if c["type"] != ConditionType.SUCCEEDED.value]
+        final = (prev.get("checkpoint") or {}).get("latest")
+        cond(
+            ConditionType.SUCCEEDED,
+            True,
+            Reason.TRAINING_COMPLETE,
+            f"All {resolved.workers} workers finished training"
+            + (f"; the latest checkpoint is {final}." if final else ".")
+            + f" Results are in {resolved.output_path} on the output volume.",
+        )
+        cond(ConditionType.RUNNING, False, Reason.FINISHED, "Training finished.")
+        if spec.ttl_seconds_after_finished is not None:
+            result.requeue_after = float(spec.ttl_seconds_after_finished)
+        return finish()
+
+    if job is not None and i.template_hash is not None and job.template_hash != i.template_hash:
+        result.apply_objects = True
+        result.delete_job = job.uid
+        created()
+        no_failure()
+        if job.world_size is not None and job.world_size != resolved.world_size:
+            reason = Reason.SCALING
+            message = (
+                f"Scaling from world size {job.world_size} to {resolved.world_size} "
+                f"({resolved.workers} workers x {resolved.devices_per_worker} devices): gradient "
+                f"accumulation is now {accumulation}, the global batch "
+                f"{resolved.global_batch_size} is unchanged; the group restarts from "
+                f"{from_where}."
+            )
+        else:
+            reason = Reason.SPEC_CHANGED
+            message = (
+                f"The workers' pod template changed: the group restarts with it from {from_where}."
+            )
+        status["phase"] = (Phase.SUSPENDED if spec.suspend else Phase.RESTARTING).value
+        cond(ConditionType.RUNNING, False, reason, message)
+        return finish()
+
+    result.apply_objects = True
+    result.apply_job = True
+    created()
+    no_failure()
+    if job is None:
+        waiting(job_exists=False)
+        return finish()
+    if spec.suspend:
+        waiting(job_exists=True)
+        return finish()
+    if status["workers"]["ready"] >= resolved.workers:
+        status["phase"] = Phase.RUNNING.value
+        status["startTime"] = prev.get("startTime") or timestamp(now)
+        cond(
+            ConditionType.RUNNING,
+            True,
+            Reason.ALL_WORKERS_RUNNING,
+            f"All {resolved.workers} workers are running (world size {status['worldSize']}).",
+        )
+        return finish()
+    waiting(job_exists=True)
+    return finish()
+
+
+# -- the service layer -----------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Reconciler:
+    kube: Kube
+    settings: OperatorSettings
+    identity: str = "finetune-operator"
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def reconcile_named(self, namespace: str, name: str, *, locked: bool = False) -> float | None:
+        """Bring one FinetuneJob's objects and status in line. Returns seconds to look again
+        (None: only when something changes). `locked`: the caller holds `lock(...)`."""
+        if locked:
+            return self._reconcile_fresh(namespace, name)
+        with self.lock(namespace, name):
+            return self._reconcile_fresh(namespace, name)
+
+    def _reconcile_fresh(self, namespace: str, name: str) -> float | None:
+        started = time.monotonic()
+        # Read now, under the lock: an event's body may be older than our own last writes.
+        body = self.kube.get(API_VERSION, KIND, namespace, name)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        try:
+            return self._reconcile(body)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+    def _reconcile(self, body: Obj) -> float | None:
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        ref = JobRef(
+            name=name, namespace=namespace, uid=metadata["uid"], labels=metadata.get("labels")
+        )
+        names = Names(name)
+
+        spec: FinetuneJobSpec | None = None
+        resolved: ResolvedConfig | None = None
+        error: SpecError | None = None
+        raw_spec = body.get("spec") or {}
+        try:
+            spec = parse_spec(raw_spec)
+            resolved = resolve(spec, self.settings.device_resources)
+        except SpecError as caught:
+            error, spec, resolved = caught, None, None
+
+        desired: list[Obj] = []
+        desired_job: Obj | None = None
+        if spec is not None and resolved is not None:
+            desired = build_desired_objects(ref, spec, resolved, self.settings)
+            desired_job = desired[-1]
+            desired_job["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION] = template_hash(
+                desired_job
+            )
+
+        live_job = self.kube.get("batch/v1", "Job", namespace, names.workers)
+        if live_job is not None and not _owned_by(live_job, ref.uid):
+            live_job = None  # someone else's Job by that name: never touch it
+        job = job_view(live_job) if live_job else None
+        pods: tuple[WorkerPod, ...] = ()
+        if job is not None:
+            selector = ",".join(f"{k}={v}" for k, v in selector_labels(ref).items())
+            pods = tuple(
+                pod_view(p)
+                for p in self.kube.list("v1", "Pod", namespace, selector)
+                if _owned_by(p, job.uid)
+            )
+        service = self.kube.get("v1", "Service", namespace, names.service)
+
+        current_status: Obj = dict(body.get("status") or {})
+        decided = plan(
+            Inputs(
+                name=name,
+                generation=int(metadata.get("generation") or 0),
+                status=current_status,
+                spec=spec,
+                error=error,
+                resolved=resolved,
+                template_hash=(
+                    desired_job["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+                    if desired_job
+                    else None
+                ),
+                job=job,
+                pods=pods,
+                service_exists=service is not None,
+                now=_now(),
+                requested_workers=int(raw_spec.get("workers") or 1)
+                if isinstance(raw_spec.get("workers"), int)
+                else 1,
+            )
+        )
+        self._act(body, decided, desired, live_job, names)
+        return decided.requeue_after
+
+    def _act(
+        self, body: Obj, decided: Plan, desired: list[Obj], live_job: Obj | None, names: Names
+    ) -> None:
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        # Status first: a restart is counted (with the failed Job's uid) before the Job goes,
+        # so a kill between the two neither loses nor double-counts it.
+        patch = status_patch(body.get("status") or {}, decided.status)
+        if patch:
+            self.kube.patch_status(namespace, name, patch)
+            log.info("%s/%s status: %s", namespace, name, sorted(patch))
+        for event in decided.events:
+            self.kube.event(body, event.type, event.reason, event.message, self.identity)
+        if decided.apply_objects:
+            for obj in desired[:-1]:
+                if self.kube.apply(obj):
+                    log.info(
+                        "%s/%s applied %s %s", namespace, name, obj["kind"], obj["metadata"]["name"]
+                    )
+        if decided.delete_job:
+            # Foreground: the Job goes only after its pods, so the next group never meets
+            # the old one at the rendezvous.
+            self.kube.delete(
+                "batch/v1",
+                "Job",
+                namespace,
+                names.workers,
+                uid=decided.delete_job,
+                propagation="Foreground",
+            )
+            log.info(
+                "%s/%s replacing the worker group (Job uid %s)", namespace, name, decided.delete_job
+            )
+        elif decided.apply_job and desired:
+            job = desired[-1]
+            if live_job is None:
+                try:
+                    self.kube.create(job)
+                    log.info("%s/%s created Job %s", namespace, name, names.workers)
+                except KubeError as error:
+                    if error.status != 409:
+                        raise
+            elif self.kube.apply(job, live_job):
+                log.info("%s/%s applied Job %s", namespace, name, names.workers)
+        if decided.cleanup:
+            self.kube.delete("batch/v1", "Job", namespace, names.workers, propagation="Background")
+            self.kube.delete("v1", "Service", namespace, names.service)
+            log.info("%s/%s TTL passed: deleted the worker Job and Service", namespace, name)
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(
+        ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
+    )
