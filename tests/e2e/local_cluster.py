@@ -47,7 +47,8 @@ ACCELERATOR_LABEL = "finetune.dev/accelerator"
 
 # The e2e session gets its own cluster name, so it never tears down a developer's
 # `hack/dev-cluster up` cluster (named finetune-dev by default).
-E2E_CLUSTER_NAME = "finetune-e2e"
+# Overridable so that two test runs on one machine (a CI check beside a session) do not collide.
+E2E_CLUSTER_NAME = os.environ.get("FTO_E2E_CLUSTER_NAME", "finetune-e2e")
 
 T = TypeVar("T")
 
