@@ -1,7 +1,9 @@
 """Fixtures and helpers for the operator's e2e tests: the operator runs as a real subprocess
 (`finetune-operator run --namespace NS`) against the session's local cluster.
 
-Import the fixtures into a test module: `from operator_fixtures import operator, ftj_helper`.
+Import the fixtures into a test module:
+`from operator_fixtures import ftj_fixture, operator_env_fixture, operator_fixture`
+(they register as `ftj`, `operator_env` and `operator`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ class OperatorProcess:
         env = self.cluster.env()
         env.update(self.env)
         command = [
-            str(OPERATOR if OPERATOR.exists() else Path(sys.executable).parent / "finetune-operator"),
+            str(
+                OPERATOR if OPERATOR.exists() else Path(sys.executable).parent / "finetune-operator"
+            ),
             "run",
             "--namespace",
             self.namespace,
@@ -123,7 +127,9 @@ class Ftj:
                 return dict(item)
         return {}
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 60, **match: Any) -> dict[str, Any]:
+    def wait_phase(
+        self, name: str, phase: str, timeout: float = 60, **match: Any
+    ) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
             status = self.status(name)
             if status.get("phase") != phase:
@@ -156,7 +162,9 @@ class Ftj:
         ).items
 
     def event_reasons(self, name: str) -> list[str]:
-        return [e.reason for e in sorted(self.events(name), key=lambda e: e.metadata.creation_timestamp)]
+        return [
+            e.reason for e in sorted(self.events(name), key=lambda e: e.metadata.creation_timestamp)
+        ]
 
     def jobs(self, name: str) -> list[Any]:
         return self.batch_api.list_namespaced_job(
@@ -180,15 +188,15 @@ def xpu_job(name: str, workers: int = 2, devices: int = 2, **spec: Any) -> dict[
     }
 
 
-@pytest.fixture
-def operator_env() -> dict[str, str]:
+@pytest.fixture(name="operator_env")
+def operator_env_fixture() -> dict[str, str]:
     """Env of the operator process; by default worker pods stay Running until the test ends
     them (kwok's `running` simulation)."""
     return {"FTO_EXTRA_POD_LABELS": f"{SIMULATE_LABEL}={SIMULATE_RUNNING}"}
 
 
-@pytest.fixture
-def operator(
+@pytest.fixture(name="operator")
+def operator_fixture(
     request: pytest.FixtureRequest,
     cluster: Cluster,
     namespace: str,
@@ -196,7 +204,9 @@ def operator(
     operator_env: dict[str, str],
     tmp_path: Path,
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(cluster=cluster, namespace=namespace, log_dir=tmp_path, env=operator_env)
+    process = OperatorProcess(
+        cluster=cluster, namespace=namespace, log_dir=tmp_path, env=operator_env
+    )
     process.start()
     try:
         yield process
@@ -207,10 +217,8 @@ def operator(
             print(process.logs()[-20000:])
 
 
-@pytest.fixture
-def ftj(
-    cluster: Cluster, namespace: str, core_api: Any, batch_api: Any, custom_api: Any
-) -> Ftj:
+@pytest.fixture(name="ftj")
+def ftj_fixture(cluster: Cluster, namespace: str, core_api: Any, batch_api: Any, custom_api: Any) -> Ftj:
     return Ftj(cluster, namespace, core_api, batch_api, custom_api)
 
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 from local_cluster import GPU_RESOURCE, set_pod_phase, wait_for
-from operator_fixtures import (  # noqa: F401 - fixtures
+from operator_fixtures import (  # noqa: F401 - the fixtures register by import
     Ftj,
     OperatorProcess,
     eventually,
-    ftj,
-    operator,
-    operator_env,
+    ftj_fixture,
+    operator_env_fixture,
+    operator_fixture,
     xpu_job,
 )
 
@@ -65,7 +65,11 @@ def test_apply_creates_objects_runs_and_succeeds(ftj: Ftj, operator: OperatorPro
 
     # The trainer's report (as rank 0 patches it) shows in the step and loss columns.
     ftj.custom_api.patch_namespaced_custom_object_status(
-        "finetune.dev", "v1alpha1", ftj.namespace, "finetunejobs", "llama",
+        "finetune.dev",
+        "v1alpha1",
+        ftj.namespace,
+        "finetunejobs",
+        "llama",
         {"status": {"progress": {"step": 7, "maxSteps": 100, "summary": "7/100", "loss": 1.25}}},
     )
     eventually(lambda: "7/100" in ftj.kubectl("get", "ftj", "llama").stdout.splitlines()[1])
@@ -78,8 +82,8 @@ def test_apply_creates_objects_runs_and_succeeds(ftj: Ftj, operator: OperatorPro
     described = ftj.kubectl("describe", "ftj", "llama").stdout
     for text in ["Valid", "SpecValid", "ObjectsCreated", "AllWorkersRunning", "TrainingComplete"]:
         assert text in described, text
-    reasons = ftj.event_reasons("llama")
-    assert {"SpecValid", "ObjectsCreated", "AllWorkersRunning", "TrainingComplete"} <= set(reasons)
+    expected = {"SpecValid", "ObjectsCreated", "AllWorkersRunning", "TrainingComplete"}
+    eventually(lambda: expected <= set(ftj.event_reasons("llama")))
     # Status carries no kopf bookkeeping, and the object no kopf finalizer.
     body = ftj.get("llama")
     assert not [k for k in body["status"] if "kopf" in k]
@@ -101,7 +105,12 @@ def test_bad_spec_reported_valid_false_and_nothing_created(
 ) -> None:
     manifest = xpu_job("badval", dataset={"name": "yahma/alpaca-cleaned", "validationSize": 1.5})
     assert ftj.apply(manifest).returncode == 0  # the schema allows it; the operator does not
-    valid = eventually(lambda: ftj.condition("badval", "Valid").get("status") == "False" and ftj.condition("badval", "Valid"))
+    valid = eventually(
+        lambda: (
+            ftj.condition("badval", "Valid").get("status") == "False"
+            and ftj.condition("badval", "Valid")
+        )
+    )
     assert valid["reason"] == "InvalidSpec"
     assert "validationSize" in valid["message"] and "Nothing was created" in valid["message"]
     assert ftj.status("badval")["phase"] == "Pending"
@@ -123,7 +132,7 @@ def test_failed_and_deleted_pods_restart_the_group_then_fail(
     eventually(lambda: ftj.status("gang").get("restarts") == 1, what="restart counted")
     status = ftj.wait_phase("gang", "Running", restarts=1)
     assert status["lastFailure"]["pod"] == pod and status["lastFailure"]["exitCode"] == 137
-    assert "Restarting" in ftj.event_reasons("gang")
+    eventually(lambda: "Restarting" in ftj.event_reasons("gang"))
     assert ftj.jobs("gang")[0].metadata.uid != first_job
     assert len(ftj.pods("gang")) == 2
 
@@ -133,13 +142,15 @@ def test_failed_and_deleted_pods_restart_the_group_then_fail(
 
     # Past backoffLimit: Failed, with the pod's reason.
     pod = ftj.pods("gang")[0].metadata.name
-    set_pod_phase(ftj.core_api, ftj.namespace, pod, "Failed", exit_code=3, message="CUDA out of sync")
+    set_pod_phase(
+        ftj.core_api, ftj.namespace, pod, "Failed", exit_code=3, message="CUDA out of sync"
+    )
     status = ftj.wait_phase("gang", "Failed")
     assert status["restarts"] == 2 and status["completionTime"]
     failed = ftj.condition("gang", "Failed")
     assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
     assert pod in failed["message"] and "exit code 3" in failed["message"]
-    assert "BackoffLimitExceeded" in ftj.event_reasons("gang")
+    eventually(lambda: "BackoffLimitExceeded" in ftj.event_reasons("gang"))
     assert "BackoffLimitExceeded" in ftj.kubectl("describe", "ftj", "gang").stdout
 
 
@@ -166,7 +177,7 @@ def test_scale_two_to_four_workers(ftj: Ftj, operator: OperatorProcess) -> None:
     )
     assert config["workers"] == 4 and config["gradientAccumulationSteps"] == 16
     assert len(ftj.jobs("scale")) == 1 and len(ftj.pods("scale")) == 4
-    scaling = [e for e in ftj.events("scale") if e.reason == "Scaling"]
+    scaling = eventually(lambda: [e for e in ftj.events("scale") if e.reason == "Scaling"])
     assert scaling and "world size 2 to 4" in scaling[0].message
 
 
@@ -183,7 +194,7 @@ def test_suspend_and_resume(ftj: Ftj, operator: OperatorProcess) -> None:
     ftj.wait_phase("pause", "Running")
     assert ftj.condition("pause", "Suspended")["reason"] == "Resumed"
     assert ftj.status("pause")["restarts"] == 0
-    assert {"Suspended", "Resumed"} <= set(ftj.event_reasons("pause"))
+    eventually(lambda: {"Suspended", "Resumed"} <= set(ftj.event_reasons("pause")))
 
 
 def test_delete_removes_everything(ftj: Ftj, operator: OperatorProcess) -> None:
@@ -193,8 +204,12 @@ def test_delete_removes_everything(ftj: Ftj, operator: OperatorProcess) -> None:
 
     def all_gone() -> bool:
         out = ftj.kubectl(
-            "get", "jobs,pods,services,configmaps,serviceaccounts,roles,rolebindings",
-            "-l", "finetune.dev/job-name=gone", "-o", "name",
+            "get",
+            "jobs,pods,services,configmaps,serviceaccounts,roles,rolebindings",
+            "-l",
+            "finetune.dev/job-name=gone",
+            "-o",
+            "name",
         ).stdout
         return out.strip() == ""
 
@@ -224,7 +239,11 @@ def test_operator_killed_midway_converges_without_duplicates(
     for name in names:
         assert ftj.apply(xpu_job(name, backoffLimit=3)).returncode == 0
     # Kill as soon as the first object shows up: mid-reconcile.
-    wait_for(lambda: ftj.kubectl("get", "configmaps", "-o", "name").stdout.count("kill-") >= 1, timeout=60, interval=0.05)
+    wait_for(
+        lambda: ftj.kubectl("get", "configmaps", "-o", "name").stdout.count("kill-") >= 1,
+        timeout=60,
+        interval=0.05,
+    )
     operator.kill()
     operator.start()
     for name in names:
