@@ -1,4 +1,4 @@
-"""`finetune-operator`: crd | render FILE | run."""
+"""`finetune-operator`: crd | render FILE | rbac | run | run-pods."""
 
 from __future__ import annotations
 
@@ -52,12 +52,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     render_parser.add_argument("file", type=Path, help="FinetuneJob YAML ('-' for stdin)")
     render_parser.add_argument("--image", help="trainer image (default: the operator's)")
+    rbac_parser = commands.add_parser(
+        "rbac", help="print the operator's RBAC rules (the chart's files/operator-rules.yaml)"
+    )
+    rbac_parser.add_argument(
+        "--leader-election",
+        action="store_true",
+        help="the rules for the leader-election Lease instead (files/leader-election-rules.yaml)",
+    )
     commands.add_parser("run", help="run the operator (kopf)", add_help=False)
+    commands.add_parser(
+        "run-pods",
+        help="run the containers of simulated worker pods as local processes (tests)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "crd":
         sys.stdout.write(crd_yaml())
         return 0
+    if args.command == "rbac":
+        from finetune_operator.rbac import rules_yaml
+
+        sys.stdout.write(rules_yaml(leader_election=args.leader_election))
+        return 0
+    if args.command == "run-pods":
+        from finetune_operator.runner import main as run_pods
+
+        return run_pods(rest)
     if args.command == "render":
         settings = OperatorSettings.from_env()
         if args.image:
