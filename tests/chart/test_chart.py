@@ -29,6 +29,7 @@ from chart_helpers import (
 FULLNAME = f"{RELEASE}-finetune-operator"
 CRD_FILE = REPO_ROOT / "crds" / "finetunejob.yaml"
 RULES_FILE = CHART / "files" / "operator-rules.yaml"
+LEADER_RULES_FILE = CHART / "files" / "leader-election-rules.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +229,17 @@ def test_namespaced_rbac_has_no_cluster_permissions() -> None:
     assert env["FTO_NAMESPACES"] == "team-a,team-b"
 
 
-def test_leader_election_role_in_release_namespace(default: list[dict[str, Any]]) -> None:
-    role = one(default, "Role", f"{FULLNAME}-leader-election")
-    assert role["metadata"]["namespace"] == NAMESPACE
-    lease_rule = next(r for r in role["rules"] if r["apiGroups"] == ["coordination.k8s.io"])
-    assert lease_rule["resources"] == ["leases"]
-    assert {"get", "create", "update"} <= set(lease_rule["verbs"])
+def test_leader_election_role_in_release_namespace() -> None:
+    leader_rules = yaml.safe_load(LEADER_RULES_FILE.read_text())
+    for values in ((), ("operator.watchNamespaces={team-a}",)):
+        objects = render(*values)
+        role = one(objects, "Role", f"{FULLNAME}-leader-election")
+        assert role["metadata"]["namespace"] == NAMESPACE
+        assert role["rules"] == leader_rules
+        assert any("leases" in r["resources"] for r in role["rules"])
+        binding = one(objects, "RoleBinding", f"{FULLNAME}-leader-election")
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        assert binding["subjects"][0]["name"] == FULLNAME
 
 
 def test_rbac_and_service_account_can_be_turned_off() -> None:

@@ -49,14 +49,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-The rules the operator needs, as written by the operator's own generator
-(files/operator-rules.yaml: a YAML list of rbac.authorization.k8s.io/v1 PolicyRule).
+RBAC rules as the operator's own generator writes them (`finetune-operator rbac`, from
+operator/finetune_operator/rbac.py): a YAML list of rbac.authorization.k8s.io/v1 PolicyRules.
+Call with (list $ "files/NAME.yaml").
 */}}
-{{- define "finetune-operator.rules" -}}
-{{- $text := .Files.Get "files/operator-rules.yaml" }}
+{{- define "finetune-operator.rulesFrom" -}}
+{{- $root := index . 0 }}
+{{- $file := index . 1 }}
+{{- $text := $root.Files.Get $file }}
 {{- if not $text }}
-{{- fail "files/operator-rules.yaml is missing from the chart: regenerate it with the operator's RBAC generator" }}
+{{- fail (printf "%s is missing from the chart: generate it with `finetune-operator rbac`" $file) }}
 {{- end }}
-{{- $rules := fromYamlArray $text }}
-{{- toYaml $rules }}
+{{- toYaml (fromYamlArray $text) }}
 {{- end }}
