@@ -239,3 +239,149 @@ def operator_process(
         yield process
     finally:
         process.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Restarting kube-apiserver
+
+
+def cluster_dir(cluster: Cluster) -> Path:
+    """kwokctl's folder of this cluster (the kubeconfig lives in it)."""
+    return cluster.kubeconfig.parent
+
+
+def restart_apiserver(
+    cluster: Cluster, down_seconds: float = 3.0, sig: int = signal.SIGKILL
+) -> float:
+    """Kills kube-apiserver (SIGKILL: a crash, not a graceful stop), keeps it down for
+    ``down_seconds``, and starts it again with the same command line, working directory and
+    environment, appending to the same log; the pid file is updated so that
+    ``hack/dev-cluster down`` still finds it. Returns how long the API was unreachable.
+
+    kwokctl's binary runtime has no per-component restart (only ``kwokctl stop|start cluster``,
+    which restarts every component), and nothing restarts a component that dies, so this does
+    what a kubelet does for a static pod. etcd, controller-manager, scheduler and kwok keep
+    running and must reconnect.
+    """
+    directory = cluster_dir(cluster)
+    pid_file = directory / "pids" / "kube-apiserver.pid"
+    pid = int(pid_file.read_text().strip())
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    environ = dict(
+        item.split(b"=", 1)
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if b"=" in item
+    )
+    assert str(directory) in argv[0].decode(), f"pid {pid} is not this cluster's apiserver"
+    went_down = time.monotonic()
+    os.kill(pid, sig)
+    while Path(f"/proc/{pid}").exists():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    time.sleep(down_seconds)
+    log = (directory / "logs" / "kube-apiserver.log").open("ab")
+    process = subprocess.Popen(
+        [a.decode() for a in argv],
+        cwd=cwd,
+        env={k.decode(): v.decode() for k, v in environ.items()},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if cluster.kubectl("get", "--raw", "/readyz", timeout=10).returncode == 0:
+            return time.monotonic() - went_down
+        time.sleep(0.5)
+    raise TimeoutError("kube-apiserver did not come back within 120 s")
+
+
+# --------------------------------------------------------------------------------------------
+# A supervisor: restarts an operator process that exits, as a Deployment's kubelet would
+
+
+class Supervisor:
+    """Restarts ``process`` (anything with start/alive-by-``process.poll()``) when it exits on
+    its own, and counts those exits; ``paused`` while a test kills it on purpose."""
+
+    def __init__(self, process: Any, interval: float = 0.5) -> None:
+        import threading
+
+        self.process = process
+        self.interval = interval
+        self.exits: list[int | None] = []
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="supervisor")
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            with self.lock:
+                child = self.process.process
+                if child is not None and child.poll() is not None:
+                    self.exits.append(child.returncode)
+                    self.process.start()
+
+    def __enter__(self) -> Supervisor:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# The end state every fault run must reach
+
+
+def assert_nothing_lost(
+    kube_api: Any,
+    namespace: str,
+    expected_phases: dict[str, str],
+    deleted: set[str] = frozenset(),  # type: ignore[assignment]
+    restarts: dict[str, int] | None = None,
+) -> Census:
+    """Every FinetuneJob in ``expected_phases`` exists in that phase with exactly one of each
+    child; the ``deleted`` ones are gone with their children (no orphans); restarts match."""
+    census = take_census(kube_api, namespace)
+    problems = []
+    for name, phase in expected_phases.items():
+        job = census.jobs.get(name)
+        if job is None:
+            problems.append(f"{name}: missing")
+            continue
+        status = job.get("status") or {}
+        if status.get("phase") != phase:
+            problems.append(f"{name}: phase {status.get('phase')}, expected {phase}")
+        if restarts is not None and status.get("restarts", 0) != restarts.get(name, 0):
+            problems.append(
+                f"{name}: restarts {status.get('restarts')}, expected {restarts.get(name, 0)}"
+            )
+        kinds = Counter(kind for kind, _ in census.children.get(job["metadata"]["uid"], []))
+        for kind in CHILD_KINDS:
+            if kind in ("Job", "Service") and phase in ("Succeeded", "Failed"):
+                # ttlSecondsAfterFinished may have removed them; never more than one.
+                if kinds[kind] > 1:
+                    problems.append(f"{name}: {kinds[kind]} {kind}s")
+                continue
+            if kinds[kind] != 1:
+                problems.append(f"{name}: {kinds[kind]} {kind}s")
+    for name in deleted:
+        if name in census.jobs:
+            problems.append(f"{name}: deleted but still there")
+    if census.orphans:
+        problems.append(f"orphans: {census.orphans}")
+    unexpected = set(census.jobs) - set(expected_phases) - set(deleted)
+    if unexpected:
+        problems.append(f"unexpected FinetuneJobs: {sorted(unexpected)}")
+    assert not problems, "\n".join(problems)
+    return census
