@@ -270,7 +270,7 @@ def transition_events(
 ) -> list[Event]:
     """An Event per condition whose (status, reason) changed. A condition that first appears
     as False says nothing new (Succeeded=False/NotFinished on a fresh job), except Valid."""
-    events = []
+    events: list[Event] = []
     for item in new:
         type_ = ConditionType(item["type"])
         before = get_condition(old, type_)
@@ -281,6 +281,8 @@ def transition_events(
             continue
         if type_ is ConditionType.SUSPENDED and item.get("reason") == Reason.NOT_SUSPENDED.value:
             continue
+        if any(e.reason == item.get("reason") for e in events):
+            continue  # Suspended on two conditions: one Event
         warning = (type_, item.get("status")) in _WARNINGS or item.get("reason") in {
             r.value for r in _WARNING_REASONS
         }
