@@ -323,3 +323,20 @@ def run_a_finetunejob(
         check=True,
     )
     assert events.stdout.strip(), "the operator posted no Event for the FinetuneJob"
+
+
+EXAMPLES = sorted(
+    path
+    for path in (REPO_ROOT / "examples").glob("*.yaml")
+    if "kind: FinetuneJob" in path.read_text()
+)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_accepted_by_the_api_server(
+    kubectl: Kubectl, finetunejob_crd: None, namespace: str, path: Path
+) -> None:
+    """Every example passes the CRD's schema and CEL rules (server-side dry run)."""
+    applied = kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))
+    assert applied.returncode == 0, applied.stderr
+    assert "created (server dry run)" in applied.stdout
