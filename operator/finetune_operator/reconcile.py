@@ -375,14 +375,21 @@ def plan(i: Inputs) -> Plan:
     if spec.suspend:
         waiting(job_exists=True)
         return finish()
-    if status["workers"]["ready"] >= resolved.workers:
+    ready = status["workers"]["ready"]
+    done = sum(1 for p in pods if p.phase == "Succeeded" and not p.deleting)
+    # Workers that finished while the others still run (the Job completes with the last one)
+    # keep the group Running: nothing is waiting for them.
+    finishing = done > 0 and ready + done >= resolved.workers and prev_phase is Phase.RUNNING
+    if ready >= resolved.workers or finishing:
         status["phase"] = Phase.RUNNING.value
         status["startTime"] = prev.get("startTime") or timestamp(now)
         cond(
             ConditionType.RUNNING,
             True,
             Reason.ALL_WORKERS_RUNNING,
-            f"All {resolved.workers} workers are running (world size {status['worldSize']}).",
+            f"All {resolved.workers} workers are running (world size {status['worldSize']})."
+            if not finishing
+            else f"{done} of {resolved.workers} workers finished; waiting for the rest.",
         )
         return finish()
     waiting(job_exists=True)

@@ -139,6 +139,9 @@ def test_rejected_edit_leaves_the_running_group_alone() -> None:
         ((pod(0), pod(1, phase="Pending", ready=False)), "Pending", "Pending"),
         ((pod(0),), "Pending", "Pending"),
         ((pod(0), pod(1, ready=False)), "Running", "Pending"),
+        # One worker finished first: still Running until the Job completes.
+        ((pod(0), pod(1, phase="Succeeded", ready=False)), "Running", "Running"),
+        ((pod(0), pod(1, phase="Succeeded", ready=False)), "Pending", "Pending"),
     ],
 )
 def test_running_only_when_every_worker_runs(
