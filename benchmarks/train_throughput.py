@@ -1,0 +1,470 @@
+"""Training throughput: the plain Hugging Face recipe vs our path (issues 7 and 9).
+
+Model: Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000),
+random weights (seed 0), bf16. Data: 4096 synthetic alpaca-like examples, seeded: lengths
+lognormal (median 140 tokens, sigma 0.5) clipped to 40..256 (= cutoffLen), random token ids,
+labels masked on a prompt of ~45% of each example (train_on_inputs false), EOS-free.
+
+Recipe (both paths): LoRA r8 / alpha 16 / dropout 0.05 on q,k,v,o,gate,up,down (peft), or QLoRA
+(the same on bitsandbytes nf4 double-quant weights, prepare_model_for_kbit_training), global
+batch 128, micro-batch 2 (accumulation 64 on one GPU), bf16, lr 3e-4 cosine no warmup,
+max_grad_norm 1, seed 42, transformers Trainer (same sampler: the same examples per step).
+
+  baseline  DataCollatorForSeq2Seq (right padding, pad_to_multiple_of 8), adamw_torch, the
+            TrainingArguments defaults (NaN filter on), eager sdpa.
+  ours      finetune_trainer.perf: packing collator (one row per micro-batch of 2, 4D block
+            mask), no host syncs in the accumulation loop, adamw_torch_fused, regional
+            torch.compile of the decoder layers, Liger fused linear cross-entropy.
+  ours-eager   ours without compile and without Liger (packing + args only)
+  ours-liger   ours without compile, with Liger RMSNorm/SwiGLU/RoPE/FLCE
+  ours-auto    ours with microBatchSize auto (perf.auto_micro_batch), rows of 1024 tokens.
+
+Usage (one GPU, everything, results JSON per run under --out):
+  python benchmarks/train_throughput.py --paths baseline,ours,ours-auto --methods lora,qlora
+Multi-GPU (issue 9): torchrun --nproc-per-node N benchmarks/train_throughput.py --child \
+  --path ours --method lora ...   (or --worlds 1,2 from the driver, which launches torchrun)
+Tiny CPU check: --tiny (2 layers, hidden 64) runs the same code on the CPU.
+
+FLOPs per non-padding token (MFU): 4*N for the frozen base (forward 2N + backward through the
+activations 2N, no weight gradients), N = 6.61e9 non-embedding parameters incl. lm_head, plus
+attention 6*s*d*L for an example of length s (causal: forward 2*s^2*d per layer, backward 2x),
+plus LoRA 6*N_lora (~0.3%). Useful FLOPs only: padding and masked-out attention count zero.
+Peak: 989 TFLOP/s (H100/H200 SXM dense bf16 datasheet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "trainer"), str(REPO / "operator")]
+
+PEAK_FLOPS = 989e12
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def model_config(tiny: bool, layers: int | None) -> Any:
+    from transformers import LlamaConfig
+
+    if tiny:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                          max_position_embeddings=4096, rms_norm_eps=1e-5)
+    if layers:
+        cfg.num_hidden_layers = layers
+    cfg.use_cache = False
+    cfg.pad_token_id = 0
+    return cfg
+
+
+def synthetic_alpaca(n: int, cutoff: int, vocab: int, seed: int = 1234) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(math.log(140) + 0.5 * torch.randn(n, generator=g)).round().clamp(40, cutoff)
+    rows = []
+    for length in lengths.long().tolist():
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        prompt = int(0.45 * length)
+        rows.append({"input_ids": ids, "attention_mask": [1] * length,
+                     "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+class ListDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.rows[i]
+
+
+class Counting:
+    """Wraps a collator: counts non-padding tokens and useful FLOPs of what it collates."""
+
+    def __init__(self, inner: Any, flops_fn: Any) -> None:
+        self.inner, self.flops_fn = inner, flops_fn
+        self.tokens = 0
+        self.flops = 0.0
+        self.examples = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        for f in features:
+            s = len(f["input_ids"])
+            self.tokens += s
+            self.flops += self.flops_fn(s)
+        self.examples += len(features)
+        return self.inner(features)
+
+
+def tokenizer_stub(vocab: int) -> Any:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t2")
+    t.padding_side = "right"
+    return t
+
+
+def quantize_linears(model: Any, compute_dtype: torch.dtype) -> None:
+    """nf4 double-quant (bitsandbytes Linear4bit, bf16 storage) in place of the 7 projections."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if name not in TARGETS:
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                      compute_dtype=compute_dtype, compress_statistics=True,
+                                      quant_type="nf4", quant_storage=compute_dtype,
+                                      device="meta")
+                w = bnb.nn.Params4bit(child.weight.data.contiguous(), requires_grad=False,
+                                      compress_statistics=True, quant_type="nf4",
+                                      quant_storage=compute_dtype)
+                q.weight = w.to(child.weight.device)  # moving an unquantized Params4bit quantizes it
+                setattr(parent, name, q)
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    # what from_pretrained(quantization_config=...) leaves on the model, so Trainer/peft treat
+    # it exactly as a loaded 4-bit checkpoint
+    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                                 bnb_4bit_quant_storage=compute_dtype)
+    model.hf_quantizer = Bnb4BitHfQuantizer(qconfig, pre_quantized=False)
+    model.config.quantization_config = qconfig
+    model.is_loaded_in_4bit = True
+    model.is_quantized = True
+    model.quantization_method = "bitsandbytes"
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(args.tiny, args.layers)
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if args.method == "qlora":
+        quantize_linears(model, torch.bfloat16)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(42)  # the LoRA A matrices: the same on every rank and in every path
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    return model, cfg
+
+
+def flops_per_example(cfg: Any, n_lora: int):  # type: ignore[no-untyped-def]
+    d, L, V, f = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.intermediate_size
+    n_base = L * (4 * d * d + 3 * d * f) + V * d  # projections + lm_head (embedding: no FLOPs)
+    return (lambda s: 4 * n_base * s + 6 * s * s * d * L + 6 * n_lora * s), n_base
+
+
+class Recorder:
+    """Per optimizer step: wall time (synchronised at step end), loss, grad norm."""
+
+    def __init__(self, counter: Counting, device: torch.device) -> None:
+        from transformers import TrainerCallback
+
+        rec = self
+        self.counter, self.device = counter, device
+        self.steps: list[dict[str, Any]] = []
+        self.logs: dict[int, dict[str, float]] = {}
+        self.profile_step: int | None = None
+        self.profiler: Any = None
+
+        class CB(TrainerCallback):
+            def on_train_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+                rec.sync()
+                rec.last = time.perf_counter()
+                rec.mark = (counter.tokens, counter.flops, counter.examples)
+
+            def on_step_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+                if rec.profile_step is not None and state.global_step + 1 == rec.profile_step:
+                    rec.start_profiler()
+
+            def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+                rec.sync()
+                now = time.perf_counter()
+                if rec.profiler is not None:
+                    rec.stop_profiler()
+                tokens, flops, examples = counter.tokens, counter.flops, counter.examples
+                rec.steps.append({"step": state.global_step, "seconds": now - rec.last,
+                                  "tokens": tokens - rec.mark[0], "flops": flops - rec.mark[1],
+                                  "examples": examples - rec.mark[2]})
+                rec.last, rec.mark = now, (tokens, flops, examples)
+
+            def on_log(self, a: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+                if logs and "loss" in logs:
+                    rec.logs[state.global_step] = {"loss": float(logs["loss"]),
+                                                   "grad_norm": float(logs.get("grad_norm", float("nan")))}
+
+        self.callback = CB()
+        self.last = 0.0
+        self.mark = (0, 0.0, 0)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def start_profiler(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.profiler = profile(activities=acts)
+        self.profiler.__enter__()
+
+    def stop_profiler(self) -> None:
+        prof, self.profiler = self.profiler, None
+        prof.__exit__(None, None, None)
+        self.profile_result = summarise_profile(prof, self.device)
+
+
+def summarise_profile(prof: Any, device: torch.device) -> dict[str, Any]:
+    """GPU time by category, kernel count, top kernels, over the profiled optimizer step."""
+    events = prof.key_averages()
+    kernels: list[tuple[str, float, int]] = []
+    for e in events:
+        t = getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
+        if t > 0 and e.device_type.name == "CUDA":
+            kernels.append((e.key, t / 1e3, e.count))
+    cats: dict[str, float] = {}
+
+    def category(name: str) -> str:
+        n = name.lower()
+        if "nccl" in n:
+            return "nccl"
+        if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "gemv")):
+            return "matmul (cuBLAS)"
+        if any(k in n for k in ("fmha", "attention", "flash", "efficient")):
+            return "attention"
+        if "dequant" in n or "kdequant" in n or "4bit" in n:
+            return "nf4 dequantize"
+        if "triton" in n:
+            return "triton (compiled/liger fusions)"
+        if "adam" in n or "multi_tensor" in n:
+            return "optimizer"
+        if "memcpy" in n or "memset" in n:
+            return "memcpy/memset"
+        return "other elementwise/reduction"
+
+    for name, ms, _ in kernels:
+        cats[category(name)] = cats.get(category(name), 0.0) + ms
+    kernels.sort(key=lambda k: -k[1])
+    return {"gpu_ms_by_category": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "gpu_ms_total": round(sum(cats.values()), 1),
+            "kernel_launches": int(sum(c for _, _, c in kernels)),
+            "top_kernels": [(n[:90], round(ms, 1), c) for n, ms, c in kernels[:15]]}
+
+
+def child(args: argparse.Namespace) -> None:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from finetune_trainer import perf
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and not args.tiny_cpu
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    path = args.path
+    ours = path.startswith("ours")
+    t_build = time.perf_counter()
+    model, cfg = build_model(args, device)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops_fn, n_base = flops_per_example(cfg, n_lora)
+    tokenizer = tokenizer_stub(cfg.vocab_size)
+    micro = args.micro_batch
+    if ours:
+        liger = cuda and not os.environ.get("BENCH_NO_LIGER")
+        options = perf.PerfOptions(
+            compile_layers=cuda and path in ("ours", "ours-auto") or (path == "ours" and args.tiny_cpu),
+            liger_loss=liger and path in ("ours", "ours-auto", "ours-liger"),
+            liger_layers=liger and path == "ours-liger",
+        )
+        perf.optimize_model(model, options)
+        inner = perf.PackingCollator(pad_token_id=0, pad_to_multiple_of=64,
+                                     row_tokens=args.row_tokens if path == "ours-auto" else None)
+    else:
+        options = None
+        inner = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
+                                       padding=True, label_pad_token_id=-100)
+    build_s = time.perf_counter() - t_build
+    per_rank = args.global_batch // world
+    accumulation = per_rank // micro
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(Path(args.out) / "trainer-tmp"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation, max_steps=args.steps, learning_rate=3e-4,
+        lr_scheduler_type="cosine", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
+        max_grad_norm=1.0, bf16=cuda, logging_steps=1, save_strategy="no", seed=42, data_seed=42,
+        report_to="none", disable_tqdm=True, remove_unused_columns=False, use_cpu=not cuda,
+        ddp_find_unused_parameters=False, dataloader_drop_last=True,
+    )
+    if ours:
+        kwargs |= perf.training_argument_overrides(device.type if cuda else "cpu", "adamw_torch")
+    targs = TrainingArguments(**kwargs)
+    _ = targs.device  # initialises the process group under torchrun
+    probe: dict[str, Any] = {}
+    if path == "ours-auto":
+        collate_probe = perf.PackingCollator(pad_token_id=0, pad_to_multiple_of=64, row_tokens=args.row_tokens)
+        t0 = time.perf_counter()
+        if cuda:
+            budget = int(torch.cuda.get_device_properties(device).total_memory * args.memory_fraction)
+
+            def step(m: int) -> None:
+                perf.probe_step(model, perf.worst_case_batch(m, args.cutoff, cfg.vocab_size, collate_probe, device))
+
+            micro, measured = perf.auto_micro_batch(step, args.global_batch, world, budget)
+            probe = {"budget_gib": budget / 2**30, "peaks_gib": {k: v / 2**30 for k, v in measured.items()}}
+        else:
+            micro = max(perf.candidate_micro_batches(args.global_batch, world, limit=16))
+        if world > 1:
+            t = torch.tensor([micro], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            micro = int(t.item())
+        probe["seconds"] = time.perf_counter() - t0
+        targs.per_device_train_batch_size = micro
+        targs.gradient_accumulation_steps = per_rank // micro
+        accumulation = per_rank // micro
+    counter = Counting(inner, flops_fn)
+    rows = synthetic_alpaca(args.examples, args.cutoff, cfg.vocab_size)
+    recorder = Recorder(counter, device)
+    if args.profile_step and rank == 0:
+        recorder.profile_step = args.profile_step
+    trainer = Trainer(model=model, args=targs, train_dataset=ListDataset(rows), data_collator=counter,
+                      processing_class=tokenizer, callbacks=[recorder.callback])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    trainer.train()
+    total_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    timed = [s for s in recorder.steps
+             if s["step"] > args.warmup_steps and s["step"] != args.profile_step]  # profiler slows its step
+    if world > 1:  # sum tokens/flops over ranks (each rank counted what it collated)
+        for s in recorder.steps:
+            t = torch.tensor([s["tokens"], s["flops"], s["examples"]], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            s["tokens"], s["flops"], s["examples"] = int(t[0]), float(t[1]), int(t[2])
+        t = torch.tensor([peak], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        peak = float(t.item())
+    seconds = sum(s["seconds"] for s in timed)
+    tokens = sum(s["tokens"] for s in timed)
+    flops = sum(s["flops"] for s in timed)
+    result = {
+        "path": path, "method": args.method, "world_size": world, "micro_batch": micro,
+        "accumulation": accumulation, "global_batch": args.global_batch,
+        "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+        "options": None if options is None else options.__dict__,
+        "optimizer": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
+        "n_base_flop_params": n_base, "n_lora": n_lora,
+        "build_s": round(build_s, 1), "train_s": round(total_s, 1), "probe": probe,
+        "steps": recorder.steps, "timed_steps": [s["step"] for s in timed],
+        "s_per_step": seconds / len(timed) if timed else None,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "tokens_per_s_per_gpu": tokens / seconds / world if seconds else None,
+        "examples_per_step": timed[0]["examples"] if timed else None,
+        "mfu": flops / seconds / (PEAK_FLOPS * world) if seconds and cuda else None,
+        "peak_gib": round(peak, 2), "logs": recorder.logs,
+        "finite_grads": all(math.isfinite(v["grad_norm"]) and math.isfinite(v["loss"]) for v in recorder.logs.values()),
+        "profile": getattr(recorder, "profile_result", None),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+    }
+    if rank == 0:
+        out = Path(args.out) / f"{args.tag or ''}{args.method}-{path}-w{world}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        brief = {k: result[k] for k in ("path", "method", "world_size", "micro_batch", "accumulation",
+                                        "s_per_step", "tokens_per_s", "mfu", "peak_gib", "finite_grads")}
+        print("RESULT", json.dumps(brief), {k: round(v["loss"], 5) for k, v in result["logs"].items()}, flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def driver(args: argparse.Namespace) -> int:
+    env = {**os.environ, **NCCL_SAFE, "PYTHONUNBUFFERED": "1"}
+    failures = 0
+    for world in [int(w) for w in args.worlds.split(",")]:
+        for method in args.methods.split(","):
+            for path in args.paths.split(","):
+                steps = args.baseline_steps if path == "baseline" else args.steps
+                base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                        if k not in ("paths", "methods", "worlds", "child", "path", "method", "steps",
+                                     "profile_step", "tiny", "tiny_cpu", "torchrun") and v is not None]
+                flags = base + [f"--path={path}", f"--method={method}", f"--steps={steps}", "--child"]
+                flags += ["--tiny"] * args.tiny + ["--tiny-cpu"] * args.tiny_cpu
+                if args.profile_step and path == "ours" and world == 1:
+                    flags.append(f"--profile-step={args.profile_step}")
+                if world > 1 or args.torchrun:
+                    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+                           "--master-port=29533", __file__, *flags]
+                else:
+                    cmd = [sys.executable, __file__, *flags]
+                print(f"== {method} {path} world {world}: {' '.join(cmd[-6:])}", flush=True)
+                t0 = time.perf_counter()
+                rc = subprocess.run(cmd, env=env, timeout=args.run_timeout).returncode
+                print(f"== rc {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+                failures += rc != 0
+    return failures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--paths", default="baseline,ours,ours-auto")
+    p.add_argument("--methods", default="lora,qlora")
+    p.add_argument("--worlds", default="1", help="driver: world sizes (torchrun --nproc-per-node)")
+    p.add_argument("--torchrun", action="store_true", help="driver: launch world 1 through torchrun too")
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--path", default="ours")
+    p.add_argument("--method", default="lora")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--baseline-steps", type=int, default=2)
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the timing")
+    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--cutoff", type=int, default=256)
+    p.add_argument("--row-tokens", type=int, default=1024)
+    p.add_argument("--memory-fraction", type=float, default=0.8)
+    p.add_argument("--examples", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--tiny-cpu", action="store_true")
+    p.add_argument("--profile-step", type=int, default=None)
+    p.add_argument("--run-timeout", type=int, default=900)
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "raw"))
+    args = p.parse_args()
+    if args.child:
+        child(args)
+    else:
+        sys.exit(driver(args))
+
+
+if __name__ == "__main__":
+    main()
