@@ -259,6 +259,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
     settings.peering.standalone = True  # one replica acts: the Lease (leader.py) decides
+    # No cluster-wide scans of CRDs and namespaces: the watched namespaces are named (or all)
+    # and the CRD is installed before the operator, so the RBAC stays namespaced.
+    settings.scanning.disabled = True
     settings.posting.enabled = False  # users see our Events, not kopf's log lines
     settings.batching.worker_limit = config.worker_limit
     settings.execution.max_workers = config.worker_limit

@@ -218,7 +218,9 @@ def operator_fixture(
 
 
 @pytest.fixture(name="ftj")
-def ftj_fixture(cluster: Cluster, namespace: str, core_api: Any, batch_api: Any, custom_api: Any) -> Ftj:
+def ftj_fixture(
+    cluster: Cluster, namespace: str, core_api: Any, batch_api: Any, custom_api: Any
+) -> Ftj:
     return Ftj(cluster, namespace, core_api, batch_api, custom_api)
 
 
@@ -241,3 +243,52 @@ def eventually(check: Callable[[], Any], timeout: float = 60, what: str = "condi
 
 def sleep_briefly(seconds: float = 1.0) -> None:
     time.sleep(seconds)
+
+
+def service_account_kubeconfig(
+    cluster: Cluster, namespace: str, account: str, rules: list[dict[str, Any]], path: Path
+) -> Path:
+    """A kubeconfig that authenticates as ServiceAccount `account`, bound in `namespace` to a
+    Role with exactly `rules`: the operator runs with no more than its chart would give it."""
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": account, "namespace": namespace},
+        "rules": rules,
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": account, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+    }
+    account_obj = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": account, "namespace": namespace},
+    }
+    cluster.kubectl(
+        "apply", "-f", "-", input=yaml.safe_dump_all([account_obj, role, binding]), check=True
+    )
+    token = cluster.kubectl(
+        "create", "token", account, "-n", namespace, "--duration=2h", check=True
+    ).stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    server = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [server],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": account,
+                "context": {"cluster": server["name"], "user": account, "namespace": namespace},
+            }
+        ],
+        "current-context": account,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,94 @@
+"""The operator with exactly its RBAC rules (rbac.py, the chart's files/operator-rules.yaml), as
+a ServiceAccount: the whole lifecycle works and the API server never says Forbidden. And two
+replicas at once: the Lease lets one act, the other takes over when it stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from local_cluster import Cluster, set_pod_phase, wait_for
+from operator_fixtures import (  # noqa: F401 - the fixtures register by import
+    Ftj,
+    OperatorProcess,
+    eventually,
+    ftj_fixture,
+    operator_env_fixture,
+    service_account_kubeconfig,
+    xpu_job,
+)
+
+from finetune_operator.rbac import LEADER_ELECTION_RULES, RULES
+
+pytestmark = pytest.mark.e2e
+
+
+def test_operator_needs_no_more_than_its_rules(
+    cluster: Cluster,
+    namespace: str,
+    finetunejob_crd: None,
+    operator_env: dict[str, str],
+    ftj: Ftj,
+    tmp_path: Path,
+) -> None:
+    kubeconfig = service_account_kubeconfig(
+        cluster, namespace, "finetune-operator", RULES + LEADER_ELECTION_RULES, tmp_path / "sa.yaml"
+    )
+    operator = OperatorProcess(
+        cluster, namespace, tmp_path, env={**operator_env, "KUBECONFIG": str(kubeconfig)}
+    )
+    operator.start()
+    try:
+        assert ftj.apply(xpu_job("rbac", ttlSecondsAfterFinished=1, backoffLimit=1)).returncode == 0
+        ftj.wait_phase("rbac", "Running")
+        set_pod_phase(ftj.core_api, namespace, ftj.pods("rbac")[0].metadata.name, "Failed")
+        ftj.wait_phase("rbac", "Running", restarts=1)
+        for pod in ftj.pods("rbac"):
+            set_pod_phase(ftj.core_api, namespace, pod.metadata.name, "Succeeded")
+        ftj.wait_phase("rbac", "Succeeded")
+        eventually(lambda: ftj.jobs("rbac") == [], timeout=30, what="TTL clean-up")
+        eventually(lambda: "TrainingComplete" in ftj.event_reasons("rbac"))
+    finally:
+        operator.stop()
+        print(operator.logs()[-20000:])
+    logs = operator.logs()
+    assert "Forbidden" not in logs and "403" not in logs, logs
+
+
+def test_two_replicas_one_leader(
+    cluster: Cluster,
+    namespace: str,
+    finetunejob_crd: None,
+    operator_env: dict[str, str],
+    ftj: Ftj,
+    tmp_path: Path,
+) -> None:
+    def replica(name: str) -> OperatorProcess:
+        process = OperatorProcess(
+            cluster, namespace, tmp_path / name, env=operator_env, args=["--identity", name]
+        )
+        process.log_dir.mkdir()
+        process.start()
+        return process
+
+    first = replica("replica-a")
+    wait_for(lambda: "holds lease" in first.logs(), timeout=30, description="replica-a leads")
+    second = replica("replica-b")
+    replicas: list[Any] = [first, second]
+    try:
+        wait_for(lambda: "waiting for lease" in second.logs(), timeout=30, description="b waits")
+        assert ftj.apply(xpu_job("ha")).returncode == 0
+        ftj.wait_phase("ha", "Running")
+        assert "holds lease" not in second.logs()
+        assert "ha status" not in second.logs() and "ha status" in first.logs()
+
+        first.stop()  # hands the Lease back: the other takes over without waiting it out
+        wait_for(lambda: "holds lease" in second.logs(), timeout=30, description="b takes over")
+        set_pod_phase(ftj.core_api, namespace, ftj.pods("ha")[0].metadata.name, "Failed")
+        ftj.wait_phase("ha", "Running", restarts=1)
+        assert len(ftj.jobs("ha")) == 1
+    finally:
+        for process in replicas:
+            process.stop()
+            print(process.logs()[-10000:])
