@@ -467,3 +467,14 @@ def test_notes_tell_the_next_commands(tmp_path: Path) -> None:
     assert "kubectl get ftj -w" in text
     assert "kubectl describe ftj" in text
     assert "every namespace" in text
+
+
+def test_trainer_defaults_are_the_operators() -> None:
+    """The chart's trainer image and Intel GPU resource are the operator's own defaults, so a
+    FinetuneJob behaves the same under `finetune-operator render` and a Helm install."""
+    from finetune_operator.api import DEFAULT_DEVICE_RESOURCE, Device
+    from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
+
+    trainer = load_values()["trainer"]
+    assert trainer["image"] == DEFAULT_TRAINER_IMAGE
+    assert trainer["xpuResource"] == DEFAULT_DEVICE_RESOURCE[Device.XPU]
