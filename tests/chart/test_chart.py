@@ -478,3 +478,25 @@ def test_trainer_defaults_are_the_operators() -> None:
     trainer = load_values()["trainer"]
     assert trainer["image"] == DEFAULT_TRAINER_IMAGE
     assert trainer["xpuResource"] == DEFAULT_DEVICE_RESOURCE[Device.XPU]
+
+
+def test_packaged_chart_carries_its_files(tmp_path: Path) -> None:
+    """`helm package` keeps the CRD copy and the RBAC rule files (real files, not symlinks), and
+    the package renders the same objects as the folder."""
+    import tarfile
+
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    (package,) = tmp_path.glob("finetune-operator-*.tgz")
+    with tarfile.open(package) as archive:
+        names = set(archive.getnames())
+    for path in (
+        "files/crds/finetunejob.yaml",
+        "files/operator-rules.yaml",
+        "files/leader-election-rules.yaml",
+        "values.schema.json",
+        "templates/NOTES.txt",
+    ):
+        assert f"finetune-operator/{path}" in names, path
+    from_package = helm("template", RELEASE, str(package), "--namespace", NAMESPACE).stdout
+    from_folder = helm(*template_args()).stdout
+    assert from_package == from_folder
