@@ -67,8 +67,6 @@ def test_default_install_objects(default: list[dict[str, Any]]) -> None:
             "CustomResourceDefinition/finetunejobs.finetune.dev",
             f"ClusterRole/{FULLNAME}",
             f"ClusterRoleBinding/{FULLNAME}",
-            f"ClusterRole/{FULLNAME}-kopf",
-            f"ClusterRoleBinding/{FULLNAME}-kopf",
             f"Role/{FULLNAME}-leader-election",
             f"RoleBinding/{FULLNAME}-leader-election",
             f"ServiceAccount/{FULLNAME}",
@@ -208,16 +206,8 @@ def test_clusterwide_rbac_is_the_operators_rules(default: list[dict[str, Any]]) 
 
 def test_namespaced_rbac_has_no_cluster_permissions() -> None:
     objects = render("operator.watchNamespaces={team-a,team-b}")
-    # The one ClusterRole is kopf's: it reads CRD definitions and namespace names, nothing else.
-    assert [r["metadata"]["name"] for r in find(objects, "ClusterRole")] == [f"{FULLNAME}-kopf"]
-    kopf_rules = one(objects, "ClusterRole")["rules"]
-    assert {
-        (g, r) for rule in kopf_rules for g in rule["apiGroups"] for r in rule["resources"]
-    } == {
-        ("apiextensions.k8s.io", "customresourcedefinitions"),
-        ("", "namespaces"),
-    }
-    assert all(rule["verbs"] == ["list", "watch"] for rule in kopf_rules)
+    # No cluster-wide permission at all (the operator does not scan CRDs or namespaces).
+    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
     roles = {r["metadata"]["namespace"]: r for r in find(objects, "Role", FULLNAME)}
     assert sorted(roles) == ["team-a", "team-b"]
     for namespace, role in roles.items():
