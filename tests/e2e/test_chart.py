@@ -6,7 +6,9 @@
   would run it (the container's command, args and env from the installed release) and
   authenticated as the chart's ServiceAccount (a token from the TokenRequest API): a
   FinetuneJob gets its child objects and its status. This proves that the chart's RBAC
-  suffices, in the cluster-wide and the namespaced mode. (Pods on the simulated nodes have no
+  suffices, in the cluster-wide and the namespaced mode. Both namespaces enforce the
+  `restricted` Pod Security Standard, so the operator's pod and the trainer's pods are
+  admitted only if they are locked down. (Pods on the simulated nodes have no
   containers, so the operator's own pod cannot run there.)
 """
 
@@ -48,8 +50,11 @@ def helm(cluster: Cluster, *args: str, check: bool = True) -> subprocess.Complet
 
 
 def create_namespace(kubectl: Kubectl, prefix: str) -> str:
+    """A namespace that enforces the `restricted` Pod Security Standard: the API server then
+    refuses any pod (the operator's, the trainer's) that is not locked down."""
     name = unique_name(prefix)
     kubectl("create", "namespace", name, check=True)
+    kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted", check=True)
     return name
 
 
@@ -186,6 +191,16 @@ def test_helm_install_then_the_operator_reconciles_with_the_charts_rbac(
             "--timeout=60s",
             check=True,
         )
+        # The operator pod passes the restricted Pod Security admission (kwok runs it).
+        kubectl(
+            "-n",
+            release_ns,
+            "rollout",
+            "status",
+            f"deployment/{release}-finetune-operator",
+            "--timeout=90s",
+            check=True,
+        )
         manifest = helm(cluster, "get", "manifest", release, "--namespace", release_ns).stdout
         container = deployment_container(manifest)
         account = f"{release}-finetune-operator"
@@ -291,6 +306,17 @@ def run_a_finetunejob(
         return all(found)
 
     wait_for(children, timeout=90, description=f"the child objects of {namespace}/{name}")
+
+    # The Job controller could create the worker pods: they pass restricted Pod Security.
+    def pods_created() -> bool:
+        alive()
+        job = get_json(kubectl, "job", f"{name}-worker", "-n", namespace) or {}
+        status = job.get("status") or {}
+        if any(c.get("reason") == "FailedCreate" for c in status.get("conditions") or []):
+            raise AssertionError(f"worker pods refused: {status}")
+        return bool(status.get("active") or status.get("succeeded") or status.get("ready"))
+
+    wait_for(pods_created, timeout=90, description="the worker pods")
 
     def reconciled() -> dict[str, Any] | None:
         alive()
