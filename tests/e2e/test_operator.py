@@ -4,6 +4,7 @@ pods simulated by kwok (Running until the test sets their phase, as a kubelet wo
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -262,3 +263,57 @@ def test_operator_killed_midway_converges_without_duplicates(
         assert len(ftj.pods(name)) == 2, name
     services = ftj.kubectl("get", "services", "-o", "name").stdout.split()
     assert sorted(services) == sorted(f"service/{n}-workers" for n in names)
+
+
+def test_steady_state_writes_nothing_and_drift_is_repaired(
+    ftj: Ftj, operator: OperatorProcess
+) -> None:
+    assert ftj.apply(xpu_job("steady")).returncode == 0
+    ftj.wait_phase("steady", "Running")
+    kinds = [
+        "finetunejob/steady",
+        "job/steady-worker",
+        "configmap/steady-config",
+        "service/steady-workers",
+        "role/steady-trainer",
+        "serviceaccount/steady-trainer",
+    ]
+
+    def versions() -> dict[str, str]:
+        return {
+            kind: json.loads(ftj.kubectl("get", kind, "-o", "json").stdout)["metadata"][
+                "resourceVersion"
+            ]
+            for kind in kinds
+        }
+
+    time.sleep(2)  # let the last status write and Events settle
+    before = versions()
+    time.sleep(7)  # more than a resync period (5s in these tests)
+    assert versions() == before, "a steady job must cost no writes"
+
+    # Drift: a hand-edited ConfigMap, a deleted Service, a Job suspended by hand.
+    ftj.kubectl(
+        "patch",
+        "configmap",
+        "steady-config",
+        "--type=merge",
+        "-p",
+        '{"data": {"config.json": "{}"}}',
+    )
+    ftj.kubectl("delete", "service", "steady-workers", "--wait=false")
+    ftj.kubectl(
+        "patch", "job", "steady-worker", "--type=merge", "-p", '{"spec": {"suspend": true}}'
+    )
+
+    def repaired() -> bool:
+        data = json.loads(ftj.kubectl("get", "configmap", "steady-config", "-o", "json").stdout)
+        service = ftj.kubectl("get", "service", "steady-workers").returncode == 0
+        return (
+            json.loads(data["data"]["config.json"]).get("worldSize") == 4
+            and service
+            and ftj.jobs("steady")[0].spec.suspend is False
+        )
+
+    wait_for(repaired, timeout=30, description="drift repaired")
+    assert len(ftj.jobs("steady")) == 1
