@@ -44,6 +44,13 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _for_status(value: Any) -> Any:
+    """Four significant digits: enough to watch a loss move, short in a printer column."""
+    if isinstance(value, float) and value != 0:
+        return float(f"{value:.4g}")
+    return value
+
+
 class StatusPatcher:
     """Merge-patches status of one FinetuneJob from a background thread, newest report wins."""
 
@@ -181,7 +188,10 @@ class ProgressCallback(TrainerCallback):
             record["gradNormFinite"] = False
         self._emit({k: v for k, v in record.items() if v is not None})
         if self.patcher is not None:
-            progress = {k: v for k, v in record.items() if v is not None and k in STATUS_FIELDS}
+            # Rounded for `kubectl get ftj`; progress.jsonl keeps full precision.
+            progress = {
+                k: _for_status(v) for k, v in record.items() if v is not None and k in STATUS_FIELDS
+            }
             progress["summary"] = f"{state.global_step}/{state.max_steps}"
             progress["updatedAt"] = _now()
             self.patcher.report({"progress": progress})
