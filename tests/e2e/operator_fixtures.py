@@ -156,10 +156,11 @@ class Ftj:
         return wait_for(ready, timeout=timeout, description=f"{count} running pods of {name}")
 
     def events(self, name: str) -> list[Any]:
-        return self.core_api.list_namespaced_event(
+        events: list[Any] = self.core_api.list_namespaced_event(
             self.namespace,
             field_selector=f"involvedObject.kind=FinetuneJob,involvedObject.name={name}",
         ).items
+        return events
 
     def event_reasons(self, name: str) -> list[str]:
         return [
@@ -167,9 +168,10 @@ class Ftj:
         ]
 
     def jobs(self, name: str) -> list[Any]:
-        return self.batch_api.list_namespaced_job(
+        jobs: list[Any] = self.batch_api.list_namespaced_job(
             self.namespace, label_selector=f"finetune.dev/job-name={name}"
         ).items
+        return jobs
 
 
 def xpu_job(name: str, workers: int = 2, devices: int = 2, **spec: Any) -> dict[str, Any]:
