@@ -317,3 +317,47 @@ def test_steady_state_writes_nothing_and_drift_is_repaired(
 
     wait_for(repaired, timeout=30, description="drift repaired")
     assert len(ftj.jobs("steady")) == 1
+
+
+def test_lost_node_restarts_the_group(ftj: Ftj, operator: OperatorProcess) -> None:
+    """A node that goes away (deleted: the pod garbage collector removes its pods) restarts
+    the group. The node is the test's own, tainted so that no other test's pods land there."""
+    node = f"lost-{ftj.namespace[-6:]}"
+    taint = {"key": "finetune.dev/e2e-lost-node", "value": node, "effect": "NoSchedule"}
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"kubernetes.io/hostname": node, "type": "kwok"},
+        },
+        "spec": {"taints": [taint]},
+        "status": {
+            "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110", GPU_RESOURCE: "8"},
+            "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110", GPU_RESOURCE: "8"},
+        },
+    }
+    applied = ftj.cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    assert applied.returncode == 0, applied.stderr
+    try:
+        pinned = xpu_job(
+            "lost",
+            workers=2,
+            devices=1,
+            nodeSelector={"kubernetes.io/hostname": node},
+            tolerations=[{**taint, "operator": "Equal"}],
+        )
+        assert ftj.apply(pinned).returncode == 0
+        ftj.wait_phase("lost", "Running", timeout=60)
+        assert {p.spec.node_name for p in ftj.pods("lost")} == {node}
+
+        ftj.cluster.kubectl("delete", "node", node, "--wait=false")
+        status = ftj.wait_phase("lost", "Restarting", timeout=150, restarts=1)
+        assert status["lastFailure"]["jobUid"]
+        running = ftj.condition("lost", "Running")
+        assert (
+            running["reason"] == "Restarting" and "restarting the whole group" in running["message"]
+        )
+    finally:
+        ftj.cluster.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
