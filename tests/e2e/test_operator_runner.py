@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from local_cluster import REPO_ROOT, SIMULATE_LABEL, SIMULATE_MANUAL, Cluster
+from local_cluster import REPO_ROOT, SIMULATE_LABEL, SIMULATE_MANUAL, Cluster, wait_for
 from operator_fixtures import (  # noqa: F401 - the fixtures register by import
     OPERATOR,
     Ftj,
@@ -112,3 +112,59 @@ def test_two_workers_train_the_tiny_model_to_succeeded(
     log = runner.read_text()
     assert "--node-rank=0" in log and "--node-rank=1" in log
     assert "--master-addr=127.0.0.1" in log
+
+
+def test_deleted_worker_restarts_the_group_from_the_checkpoint(
+    ftj: Ftj, operator: OperatorProcess, runner: Path, tmp_path: Path
+) -> None:
+    """The output on a ReadWriteMany claim (the runner maps it to one folder for every pod):
+    a worker deleted mid-training restarts the whole group, which resumes from the checkpoint."""
+    claim = "tiny-output"
+    storage = {"storage": "1Gi"}
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{ftj.namespace}-out"},
+        "spec": {
+            "capacity": storage,
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "manual",
+            "hostPath": {"path": str(tmp_path / "volume")},
+            "claimRef": {"namespace": ftj.namespace, "name": claim},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "namespace": ftj.namespace},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "manual",
+            "resources": {"requests": storage},
+        },
+    }
+    applied = ftj.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([volume, pvc]))
+    assert applied.returncode == 0, applied.stderr
+    try:
+        manifest = tiny_two_workers()
+        manifest["spec"]["output"] = {"volumeClaim": claim, "path": "/output"}
+        name = manifest["metadata"]["name"]
+        assert ftj.apply(manifest).returncode == 0
+
+        def checkpointed() -> bool:
+            return (ftj.status(name).get("checkpoint") or {}).get("step", 0) >= 10
+
+        wait_for(checkpointed, timeout=300, interval=1, description="first checkpoint")
+        victim = ftj.pods(name)[1].metadata.name
+        ftj.core_api.delete_namespaced_pod(victim, ftj.namespace)
+
+        status = ftj.wait_phase(name, "Succeeded", timeout=400)
+        assert status["restarts"] == 1 and status["lastFailure"]["pod"] == victim
+        assert status["progress"]["step"] == 20
+        logs = "\n".join(
+            p.read_text(errors="replace")
+            for p in (tmp_path / "runner" / "pods").glob("*/container.log")
+        )
+        assert "resuming from" in logs, "the restarted group did not resume from the checkpoint"
+    finally:
+        ftj.cluster.kubectl("delete", "pv", f"{ftj.namespace}-out", "--wait=false")
