@@ -250,52 +250,114 @@ def cluster_dir(cluster: Cluster) -> Path:
     return cluster.kubeconfig.parent
 
 
+@dataclass
+class Component:
+    """A control-plane process of the cluster, as kwokctl started it."""
+
+    name: str
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+
+    @classmethod
+    def read(cls, directory: Path, name: str) -> Component:
+        pid = int((directory / "pids" / f"{name}.pid").read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        assert str(directory) in argv[0].decode(), f"pid {pid} is not this cluster's {name}"
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return cls(
+            name=name,
+            argv=[a.decode() for a in argv],
+            cwd=os.readlink(f"/proc/{pid}/cwd"),
+            env=dict(item.decode().split("=", 1) for item in environ if b"=" in item),
+        )
+
+    def pid(self, directory: Path) -> int:
+        return int((directory / "pids" / f"{self.name}.pid").read_text().strip())
+
+    def alive(self, directory: Path) -> bool:
+        try:
+            stat = Path(f"/proc/{self.pid(directory)}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    def start(self, directory: Path) -> None:
+        """Starts it again as kwokctl did, appending to its log; the pid file follows, so that
+        ``hack/dev-cluster down`` still finds it."""
+        with (directory / "logs" / f"{self.name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (directory / "pids" / f"{self.name}.pid").write_text(str(process.pid))
+
+
+CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+
+
+class ControlPlaneKeeper:
+    """What a kubelet does for static pods, which kwokctl's binary runtime does not: restarts
+    a control-plane component that exits. Needed once the API server goes away, because
+    kube-controller-manager and kube-scheduler exit when they cannot renew their leader Lease
+    (``leaderelection lost``) and nothing else starts them again."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        import threading
+
+        self.directory = cluster_dir(cluster)
+        self.components = {name: Component.read(self.directory, name) for name in CONTROL_PLANE}
+        self.restarted: list[str] = []
+        self.hold: set[str] = set()  # components a test keeps down on purpose
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="control-plane")
+
+    def check(self) -> None:
+        for name, component in self.components.items():
+            if name not in self.hold and not component.alive(self.directory):
+                component.start(self.directory)
+                self.restarted.append(name)
+
+    def _run(self) -> None:
+        while not self.stopping.wait(1.0):
+            self.check()
+
+    def __enter__(self) -> ControlPlaneKeeper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.check()
+
+
 def restart_apiserver(
-    cluster: Cluster, down_seconds: float = 3.0, sig: int = signal.SIGKILL
+    cluster: Cluster, keeper: ControlPlaneKeeper, down_seconds: float = 3.0
 ) -> float:
-    """Kills kube-apiserver (SIGKILL: a crash, not a graceful stop), keeps it down for
+    """SIGKILLs kube-apiserver (a crash, not a graceful stop), keeps it down for
     ``down_seconds``, and starts it again with the same command line, working directory and
-    environment, appending to the same log; the pid file is updated so that
-    ``hack/dev-cluster down`` still finds it. Returns how long the API was unreachable.
+    environment; returns how long the API was unreachable.
 
     kwokctl's binary runtime has no per-component restart (only ``kwokctl stop|start cluster``,
-    which restarts every component), and nothing restarts a component that dies, so this does
-    what a kubelet does for a static pod. etcd, controller-manager, scheduler and kwok keep
-    running and must reconnect.
+    which restarts every component, etcd included), so this kills the one process; ``keeper``
+    restarts it, and any other component that exits meanwhile, as a kubelet would.
     """
     directory = cluster_dir(cluster)
-    pid_file = directory / "pids" / "kube-apiserver.pid"
-    pid = int(pid_file.read_text().strip())
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    cwd = os.readlink(f"/proc/{pid}/cwd")
-    environ = dict(
-        item.split(b"=", 1)
-        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if b"=" in item
-    )
-    assert str(directory) in argv[0].decode(), f"pid {pid} is not this cluster's apiserver"
+    apiserver = keeper.components["kube-apiserver"]
+    pid = apiserver.pid(directory)
+    keeper.hold.add("kube-apiserver")
     went_down = time.monotonic()
-    os.kill(pid, sig)
-    while Path(f"/proc/{pid}").exists():
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        if state == "Z":
-            break
+    os.kill(pid, signal.SIGKILL)
+    while apiserver.alive(directory):
         time.sleep(0.05)
     time.sleep(down_seconds)
-    log = (directory / "logs" / "kube-apiserver.log").open("ab")
-    process = subprocess.Popen(
-        [a.decode() for a in argv],
-        cwd=cwd,
-        env={k.decode(): v.decode() for k, v in environ.items()},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    pid_file.write_text(str(process.pid))
+    keeper.hold.discard("kube-apiserver")
+    keeper.check()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if cluster.kubectl("get", "--raw", "/readyz", timeout=10).returncode == 0:
