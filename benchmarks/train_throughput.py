@@ -300,8 +300,9 @@ def child(args: argparse.Namespace) -> None:
     micro = args.micro_batch
     if ours:
         liger = cuda and not os.environ.get("BENCH_NO_LIGER")
+        compiled = not os.environ.get("BENCH_NO_COMPILE") and (cuda or args.tiny_cpu)
         options = perf.PerfOptions(
-            compile_layers=cuda and path in ("ours", "ours-auto") or (path == "ours" and args.tiny_cpu),
+            compile_layers=compiled and path in ("ours", "ours-auto") and (cuda or path == "ours"),
             liger_loss=liger and path in ("ours", "ours-auto", "ours-liger"),
             liger_layers=liger and path == "ours-liger",
         )
@@ -407,6 +408,14 @@ def child(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+def run(cmd: list[str], env: dict[str, str], timeout: int) -> int:
+    try:
+        return subprocess.run(cmd, env=env, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"== timed out after {timeout} s", flush=True)
+        return 124
+
+
 def driver(args: argparse.Namespace) -> int:
     env = {**os.environ, **NCCL_SAFE, "PYTHONUNBUFFERED": "1"}
     failures = 0
@@ -416,7 +425,7 @@ def driver(args: argparse.Namespace) -> int:
                 steps = args.baseline_steps if path == "baseline" else args.steps
                 base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                         if k not in ("paths", "methods", "worlds", "child", "path", "method", "steps",
-                                     "profile_step", "tiny", "tiny_cpu", "torchrun") and v is not None]
+                                     "profile_step", "tiny", "tiny_cpu", "torchrun", "gpu") and v is not None]
                 flags = base + [f"--path={path}", f"--method={method}", f"--steps={steps}", "--child"]
                 flags += ["--tiny"] * args.tiny + ["--tiny-cpu"] * args.tiny_cpu
                 if args.profile_step and path == "ours" and world == 1:
@@ -426,9 +435,16 @@ def driver(args: argparse.Namespace) -> int:
                            "--master-port=29533", __file__, *flags]
                 else:
                     cmd = [sys.executable, __file__, *flags]
+                run_env = dict(env)
+                if world == 1 and not args.torchrun:  # else Trainer takes every GPU (DataParallel)
+                    run_env["CUDA_VISIBLE_DEVICES"] = args.gpu
                 print(f"== {method} {path} world {world}: {' '.join(cmd[-6:])}", flush=True)
                 t0 = time.perf_counter()
-                rc = subprocess.run(cmd, env=env, timeout=args.run_timeout).returncode
+                rc = run(cmd, run_env, args.run_timeout)
+                if rc not in (0, 124) and path in ("ours", "ours-auto") and not env.get("BENCH_NO_COMPILE"):
+                    print("== retrying without torch.compile", flush=True)
+                    rc = run([*cmd, "--tag=nocompile-"], {**run_env, "BENCH_NO_COMPILE": "1"},
+                             args.run_timeout)
                 print(f"== rc {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
                 failures += rc != 0
     return failures
@@ -440,6 +456,7 @@ def main() -> None:
     p.add_argument("--methods", default="lora,qlora")
     p.add_argument("--worlds", default="1", help="driver: world sizes (torchrun --nproc-per-node)")
     p.add_argument("--torchrun", action="store_true", help="driver: launch world 1 through torchrun too")
+    p.add_argument("--gpu", default="0", help="driver: the GPU for world-1 runs")
     p.add_argument("--child", action="store_true")
     p.add_argument("--path", default="ours")
     p.add_argument("--method", default="lora")

@@ -173,8 +173,9 @@ class PerfOptions:
         accelerator = device_kind in ("cuda", "xpu")
         if not fused_kernels:
             return cls(compile_layers=False, liger_loss=False, liger_layers=False)
-        liger = accelerator and liger_available()
-        return cls(compile_layers=accelerator, liger_loss=liger, liger_layers=False)
+        # Liger's fused linear cross-entropy is opt-in until measured on the device (it saves
+        # the [tokens, vocab] logits, which matter only at large micro-batches).
+        return cls(compile_layers=accelerator, liger_loss=False, liger_layers=False)
 
 
 def liger_available() -> bool:
@@ -186,17 +187,21 @@ def liger_available() -> bool:
 
 
 def causal_lm(model: Any) -> Any:
-    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
+    """The transformers *ForCausalLM inside a peft wrapper (or the model itself).
+
+    Not `hasattr(model, "lm_head")`: peft wrappers forward attribute lookups to the wrapped
+    model, so they answer yes too.
+    """
     inner = model
     for _ in range(4):
-        if hasattr(inner, "lm_head"):
+        if hasattr(inner, "get_base_model"):  # peft's PeftModelForCausalLM too
+            inner = inner.get_base_model()
+        elif type(inner).__name__.endswith("ForCausalLM"):
             return inner
-        nxt = getattr(inner, "base_model", None)
-        if nxt is None or nxt is inner:
-            nxt = getattr(inner, "model", None)
-        if nxt is None:
+        elif isinstance(getattr(inner, "model", None), torch.nn.Module):
+            inner = inner.model
+        else:
             break
-        inner = nxt
     return inner
 
 
@@ -211,16 +216,24 @@ def apply_liger(model: Any, layers: bool, loss: bool) -> bool:
     lm = causal_lm(model)
     if getattr(lm.config, "model_type", None) != "llama" or not liger_available():
         return False
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from types import MethodType
 
-    apply_liger_kernel_to_llama(
-        rope=layers,
-        rms_norm=layers,
-        swiglu=layers,
-        cross_entropy=False,
-        fused_linear_cross_entropy=loss,
-        model=lm,
-    )
+    from liger_kernel.transformers import monkey_patch as liger
+
+    # Not apply_liger_kernel_to_llama(model=...): it finds the decoder through
+    # base_model_prefix, which transformers 5 sets to "transformer" (BC) on LlamaForCausalLM,
+    # so it patches nothing and raises. The same patches, done on the instance:
+    if layers:
+        from transformers.models.llama import modeling_llama
+
+        modeling_llama.apply_rotary_pos_emb = liger.liger_rotary_pos_emb
+        liger._patch_rms_norm_module(lm.model.norm)
+        for layer in lm.model.layers:
+            liger._patch_swiglu_module(layer.mlp, liger.LigerSwiGLUMLP)
+            liger._patch_rms_norm_module(layer.input_layernorm)
+            liger._patch_rms_norm_module(layer.post_attention_layernorm)
+    if loss:
+        lm.forward = MethodType(liger.llama_lce_forward, lm)
     return True
 
 
