@@ -244,11 +244,19 @@ def plan(i: Inputs) -> Plan:
             ready = status["workers"]["ready"]
             what = (
                 f"{ready}/{resolved.workers} workers running: training counts as Running once "
-                "every worker runs (pods Pending are waiting for nodes with free "
-                f"{resolved.device_resource or 'cpu'})."
+                "every worker runs."
                 if job_exists
                 else "Creating the worker group."
             )
+            stuck = [p for p in pods if p.unschedulable]
+            if stuck:
+                what += (
+                    f" {len(stuck)} worker pod(s) cannot be scheduled: {stuck[0].unschedulable}"
+                    f" Each worker needs a node with {resolved.devices_per_worker} free "
+                    f"{resolved.device_resource or 'cpu'} (and the spec's nodeSelector, "
+                    "tolerations and affinity): free some, add nodes, or lower workers or "
+                    "devicesPerWorker."
+                )
             cond(ConditionType.RUNNING, False, Reason.WAITING_FOR_WORKERS, what)
         result.requeue_after = SHORT_REQUEUE if not job_exists else None
 

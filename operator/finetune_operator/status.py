@@ -104,6 +104,8 @@ class WorkerPod:
     reason: str | None = None
     message: str | None = None
     exit_code: int | None = None
+    # The scheduler's word on a pod it could not place (PodScheduled=False).
+    unschedulable: str | None = None
 
     @property
     def running(self) -> bool:
@@ -172,6 +174,14 @@ def pod_view(pod: Mapping[str, Any]) -> WorkerPod:
     annotations = metadata.get("annotations") or {}
     status = pod.get("status") or {}
     conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    scheduled: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {}
+    )
+    unschedulable = (
+        scheduled.get("message") or scheduled.get("reason") or "not scheduled"
+        if scheduled.get("status") == "False"
+        else None
+    )
     reason, message, exit_code = status.get("reason"), status.get("message"), None
     for container in status.get("containerStatuses") or []:
         terminated = (container.get("state") or {}).get("terminated")
@@ -191,6 +201,7 @@ def pod_view(pod: Mapping[str, Any]) -> WorkerPod:
         reason=reason,
         message=message,
         exit_code=exit_code,
+        unschedulable=unschedulable,
     )
 
 

@@ -361,3 +361,20 @@ def test_lost_node_restarts_the_group(ftj: Ftj, operator: OperatorProcess) -> No
         )
     finally:
         ftj.cluster.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
+
+
+def test_workers_that_cannot_be_scheduled_are_explained(
+    ftj: Ftj, operator: OperatorProcess
+) -> None:
+    # 8 workers x 8 GPUs: more than the simulated GPU nodes hold.
+    assert ftj.apply(xpu_job("big", workers=8, devices=8)).returncode == 0
+
+    def explained() -> dict[str, Any] | None:
+        running = ftj.condition("big", "Running")
+        return running if "cannot be scheduled" in running.get("message", "") else None
+
+    running = wait_for(explained, timeout=60, description="the scheduler's reason in status")
+    assert ftj.status("big")["phase"] == "Pending"
+    assert running["reason"] == "WaitingForWorkers"
+    assert GPU_RESOURCE in running["message"] and "add nodes" in running["message"]
+    assert GPU_RESOURCE in ftj.kubectl("describe", "ftj", "big").stdout

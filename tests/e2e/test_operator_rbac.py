@@ -4,6 +4,9 @@ replicas at once: the Lease lets one act, the other takes over when it stops."""
 
 from __future__ import annotations
 
+import json
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +95,44 @@ def test_two_replicas_one_leader(
         for process in replicas:
             process.stop()
             print(process.logs()[-10000:])
+
+
+def test_metrics_endpoint_and_json_logs(
+    cluster: Cluster,
+    namespace: str,
+    finetunejob_crd: None,
+    operator_env: dict[str, str],
+    ftj: Ftj,
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    operator = OperatorProcess(
+        cluster,
+        namespace,
+        tmp_path,
+        env={**operator_env, "FTO_LOG_FORMAT": "json", "FTO_METRICS_PORT": str(port)},
+        args=["--metrics-port", str(port)],
+    )
+    operator.start()
+    try:
+        assert ftj.apply(xpu_job("metered")).returncode == 0
+        ftj.wait_phase("metered", "Running")
+
+        def scraped() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text: str = r.read().decode()
+            except OSError:
+                return None
+            return text if 'finetune_jobs{phase="Running"} 1.0' in text else None
+
+        text = wait_for(scraped, timeout=30, description="metrics with the running job")
+        assert "finetune_reconcile_seconds_count" in text
+        assert "finetune_reconcile_errors_total 0.0" in text
+    finally:
+        operator.stop()
+    lines = [line for line in operator.logs().splitlines() if line.startswith("{")]
+    assert lines and all("message" in json.loads(line) for line in lines)
+    assert any("metered status" in json.loads(line)["message"] for line in lines)

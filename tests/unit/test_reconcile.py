@@ -154,6 +154,22 @@ def test_running_only_when_every_worker_runs(
         assert result.status["startTime"] == "2026-01-01T12:00:00Z"
 
 
+def test_unschedulable_workers_say_why_and_what_to_do() -> None:
+    stuck = WorkerPod(
+        name="p1",
+        index=1,
+        phase="Pending",
+        ready=False,
+        deleting=False,
+        unschedulable="0/5 nodes are available: 5 Insufficient gpu.intel.com/i915.",
+    )
+    result = plan(inputs(spec(device="xpu"), {"phase": "Pending"}, job(), (pod(0), stuck)))
+    running = cond(result, "Running")
+    assert result.status["phase"] == "Pending" and running["reason"] == "WaitingForWorkers"
+    assert "Insufficient gpu.intel.com/i915" in running["message"]
+    assert "1 free gpu.intel.com/i915" in running["message"]
+
+
 def test_failed_pod_restarts_the_group_once() -> None:
     failed = pod(1, phase="Failed", ready=False, exit_code=1, reason="Error")
     result = plan(inputs(status=running_status(), worker_job=job(), pods=(pod(0), failed)))

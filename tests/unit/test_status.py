@@ -86,6 +86,20 @@ def test_pod_view_reads_the_failing_container() -> None:
     )
 
 
+def test_pod_view_reads_the_schedulers_message() -> None:
+    raw = pod(phase="Pending", ready=False)
+    raw["status"]["conditions"].append(
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/5 nodes are available: 5 Insufficient gpu.intel.com/i915.",
+        }
+    )
+    assert "Insufficient" in (pod_view(raw).unschedulable or "")
+    assert pod_view(pod()).unschedulable is None
+
+
 def test_first_broken_prefers_failed_then_lowest_index() -> None:
     pods = [
         pod_view(pod("p2", deleting=True, index=0)),
