@@ -60,18 +60,21 @@ def resource_path(api_version: str, kind: str, namespace: str) -> str:
     return f"{prefix}/namespaces/{namespace}/{PLURALS[kind]}"
 
 
-def dry_run_create(kube_api: Any, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+def dry_run_create(
+    kube_api: Any, namespace: str, obj: dict[str, Any], *, dry_run: bool = True
+) -> dict[str, Any]:
     """POSTs ``obj`` into ``namespace`` with dryRun=All and fieldValidation=Strict: what
     ``kubectl apply --dry-run=server`` checks (schema, CEL, admission, unknown fields), and
     returns the object the API server would store. Raises ApiException on a rejection.
 
     Raw REST on purpose: the typed clients of kubernetes>=35 validate bodies with pydantic
     on the client side (e.g. refuse ``cpu: 2``), which would hide what the server says.
+    ``dry_run=False`` creates it for real.
     """
     request = kube_api.param_serialize(
         method="POST",
         resource_path=resource_path(obj["apiVersion"], obj["kind"], namespace),
-        query_params=[("dryRun", "All"), ("fieldValidation", "Strict")],
+        query_params=[("fieldValidation", "Strict")] + ([("dryRun", "All")] if dry_run else []),
         header_params={"Accept": "application/json", "Content-Type": "application/json"},
         body=obj,
         auth_settings=["BearerToken"],
