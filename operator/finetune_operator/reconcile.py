@@ -169,7 +169,9 @@ def plan(i: Inputs) -> Plan:
     status["worldSize"] = i.job.world_size if i.job and i.job.world_size else resolved.world_size
 
     # -- final phases: keep them; clean up after the TTL ------------------------------------------
-    if prev_phase in (Phase.SUCCEEDED, Phase.FAILED):
+    # (Failed is final unless spec.backoffLimit was raised above the restarts made: a retry.)
+    retry = prev_phase is Phase.FAILED and spec.backoff_limit > restarts
+    if prev_phase in (Phase.SUCCEEDED, Phase.FAILED) and not retry:
         status["phase"] = prev_phase.value
         ttl = spec.ttl_seconds_after_finished
         if ttl is not None:
@@ -264,6 +266,25 @@ def plan(i: Inputs) -> Plan:
     broken = first_broken(pods)
     checkpoint = (prev.get("checkpoint") or {}).get("step")
     from_where = f"checkpoint step {checkpoint}" if checkpoint else "the last checkpoint"
+
+    if retry:
+        restarts += 1
+        status["restarts"] = restarts
+        status["completionTime"] = None
+        status["phase"] = Phase.RESTARTING.value
+        result.apply_objects = True
+        created()
+        no_failure()
+        if job is not None and not job.deleting:
+            result.delete_job = job.uid
+        cond(
+            ConditionType.RUNNING,
+            False,
+            Reason.RESTARTING,
+            f"spec.backoffLimit was raised to {spec.backoff_limit}: restarting the whole group "
+            f"from {from_where} (restart {restarts} of backoffLimit {spec.backoff_limit}).",
+        )
+        return finish()
 
     if job is not None and job.deleting:
         # Being replaced (a restart or a new world size) or deleted by hand: wait until gone.

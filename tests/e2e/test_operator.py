@@ -154,6 +154,12 @@ def test_failed_and_deleted_pods_restart_the_group_then_fail(
     eventually(lambda: "BackoffLimitExceeded" in ftj.event_reasons("gang"))
     assert "BackoffLimitExceeded" in ftj.kubectl("describe", "ftj", "gang").stdout
 
+    # Raising backoffLimit, as the message suggests, retries: one more counted restart.
+    ftj.patch_spec("gang", {"backoffLimit": 3})
+    status = ftj.wait_phase("gang", "Running", restarts=3)
+    assert "completionTime" not in status
+    assert ftj.condition("gang", "Failed")["status"] == "False"
+
 
 def test_scale_two_to_four_workers(ftj: Ftj, operator: OperatorProcess) -> None:
     assert ftj.apply(xpu_job("scale", workers=2, devices=1)).returncode == 0

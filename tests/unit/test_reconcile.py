@@ -213,6 +213,29 @@ def test_past_backoff_limit_fails_with_the_pod_reason() -> None:
     assert ("Warning", "BackoffLimitExceeded") in [(e.type, e.reason) for e in result.events]
 
 
+def test_raising_backoff_limit_retries_a_failed_job() -> None:
+    failed_pod = pod(0, phase="Failed", ready=False)
+    failed = plan(inputs(spec(backoffLimit=0), running_status(), job(failed=True), (failed_pod,)))
+    assert failed.status["phase"] == "Failed"
+    status = {**running_status(), **failed.status}
+    # Nothing happens while the limit stays...
+    still = plan(inputs(spec(backoffLimit=0), status, job(failed=True), (failed_pod,)))
+    assert still.status["phase"] == "Failed" and still.delete_job is None
+    # ...raising it restarts the group, counted.
+    retry = plan(
+        inputs(spec(backoffLimit=1), status, job(failed=True), (failed_pod,), generation=2)
+    )
+    assert retry.delete_job == "job-1" and retry.status["phase"] == "Restarting"
+    assert retry.status["restarts"] == 1 and retry.status["completionTime"] is None
+    assert cond(retry, "Failed")["status"] == "False"
+    assert "backoffLimit was raised to 1" in cond(retry, "Running")["message"]
+    # The next look (the old Job going away) does not count it again.
+    after = plan(
+        inputs(spec(backoffLimit=1), {**status, **retry.status}, job(failed=True, deleting=True))
+    )
+    assert after.status["restarts"] == 1 and after.status["phase"] == "Restarting"
+
+
 def test_backoff_limit_zero_fails_at_the_first_failure() -> None:
     failed = pod(0, phase="Failed", ready=False)
     result = plan(inputs(spec(backoffLimit=0), running_status(), job(), (failed,)))
