@@ -143,11 +143,12 @@ def run_shim(counts_path: str, operator_argv: list[str]) -> int:
         def snapshots() -> None:
             while True:
                 time.sleep(20)
-                top = tracemalloc.take_snapshot().statistics("traceback")[:15]
-                lines = []
-                for stat in top:
+                snapshot = tracemalloc.take_snapshot()
+                total = sum(stat.size for stat in snapshot.statistics("filename"))
+                lines = [f"traced total {total / 2**20:.1f} MiB"]
+                for stat in snapshot.statistics("traceback")[:8]:
                     lines.append(f"{stat.size / 2**20:8.1f} MiB {stat.count:8d} blocks")
-                    lines += [f"    {frame}" for frame in stat.traceback.format()[-6:]]
+                    lines += [f"    {frame}" for frame in stat.traceback.format()]
                 Path(counts_path + ".mem").write_text("\n".join(lines) + "\n")
 
         threading.Thread(target=snapshots, daemon=True, name="tracemalloc").start()
