@@ -49,6 +49,7 @@ class RunConfig:
     leader_elect: bool = True
     lease_namespace: str = "default"
     lease_duration: int = 15
+    replace_grace_seconds: float = 120.0
     identity: str = field(default_factory=default_identity)
 
 
@@ -123,6 +124,13 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         help="namespace of the Lease (default: the pod's, else the first watched, else default)",
     )
     parser.add_argument("--lease-duration", type=int, default=int(env("FTO_LEASE_DURATION", "15")))
+    parser.add_argument(
+        "--replace-grace-seconds",
+        type=float,
+        default=float(env("FTO_REPLACE_GRACE_SECONDS", "120")),
+        help="how long a replaced worker group may take to go before its Job is let go and "
+        "its pods orphaned (pods stuck Terminating on an unreachable node)",
+    )
     parser.add_argument("--identity", default=None, help="replica identity (default: pod name)")
     args = parser.parse_args(list(argv))
 
@@ -152,6 +160,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         leader_elect=args.leader_elect,
         lease_namespace=lease_namespace,
         lease_duration=args.lease_duration,
+        replace_grace_seconds=args.replace_grace_seconds,
         identity=args.identity or default_identity(),
     )
 
@@ -309,7 +318,12 @@ def run(argv: Sequence[str]) -> int:
     STATE = _State(
         config=config,
         kube=kube,
-        reconciler=Reconciler(kube=kube, settings=config.settings, identity=config.identity),
+        reconciler=Reconciler(
+            kube=kube,
+            settings=config.settings,
+            identity=config.identity,
+            replace_grace_seconds=config.replace_grace_seconds,
+        ),
     )
     metrics.serve(config.metrics_port)
     elector: LeaderElector | None = None

@@ -82,6 +82,9 @@ class Inputs:
     service_exists: bool
     now: datetime
     requested_workers: int = 0
+    # How long a replaced group may take to go (pods Terminating on an unreachable node never
+    # do): then its Job is let go with its pods orphaned, so that the new group can start.
+    replace_grace_seconds: float = 120.0
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Plan:
     apply_objects: bool = False  # SA, Role, RoleBinding, ConfigMap, Service
     apply_job: bool = False  # create the worker Job, or sync its suspend / metadata
     delete_job: str | None = None  # uid: replace the group (foreground delete)
+    orphan_job: str | None = None  # uid: stop waiting for the old group's pods to go
     cleanup: bool = False  # TTL: delete the worker Job (and pods) and the Service
     requeue_after: float | None = None
 
@@ -288,6 +292,9 @@ def plan(i: Inputs) -> Plan:
 
     if job is not None and job.deleting:
         # Being replaced (a restart or a new world size) or deleted by hand: wait until gone.
+        since = parse_time(job.deletion_time)
+        if since is not None and (now - since).total_seconds() > i.replace_grace_seconds:
+            result.orphan_job = job.uid
         result.apply_objects = True
         created()
         no_failure()
@@ -437,6 +444,7 @@ class Reconciler:
     kube: Kube
     settings: OperatorSettings
     identity: str = "finetune-operator"
+    replace_grace_seconds: float = 120.0
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -525,6 +533,7 @@ class Reconciler:
                 pods=pods,
                 service_exists=service is not None,
                 now=_now(),
+                replace_grace_seconds=self.replace_grace_seconds,
                 requested_workers=int(raw_spec.get("workers") or 1)
                 if isinstance(raw_spec.get("workers"), int)
                 else 1,
@@ -565,6 +574,24 @@ class Reconciler:
             )
             log.info(
                 "%s/%s replacing the worker group (Job uid %s)", namespace, name, decided.delete_job
+            )
+        elif decided.orphan_job:
+            # Same DELETE, orphan propagation: the Job goes now, its stuck pods stay behind
+            # (owned by nothing, not counted: the pods the operator reads are the new Job's).
+            self.kube.delete(
+                "batch/v1",
+                "Job",
+                namespace,
+                names.workers,
+                uid=decided.orphan_job,
+                propagation="Orphan",
+            )
+            log.warning(
+                "%s/%s the old worker group did not go within %ss: its Job is let go, its pods "
+                "orphaned",
+                namespace,
+                name,
+                self.replace_grace_seconds,
             )
         elif decided.apply_job and desired:
             job = desired[-1]

@@ -47,7 +47,7 @@ class OperatorSettings:
 
 
 def parse_labels(text: str) -> dict[str, str]:
-    """"k=v,k2=v2" -> {"k": "v", "k2": "v2"}."""
+    """Labels from "k=v,k2=v2" (FTO_EXTRA_POD_LABELS)."""
     labels = {}
     for item in text.split(","):
         if item.strip():

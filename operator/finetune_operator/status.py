@@ -140,6 +140,7 @@ class WorkerJob:
     failure_reason: str | None = None
     failure_message: str | None = None
     completion_time: str | None = None
+    deletion_time: str | None = None
 
 
 def job_view(job: Mapping[str, Any]) -> WorkerJob:
@@ -166,6 +167,7 @@ def job_view(job: Mapping[str, Any]) -> WorkerJob:
         failure_reason=failed.get("reason") if true("Failed") else None,
         failure_message=failed.get("message") if true("Failed") else None,
         completion_time=status.get("completionTime"),
+        deletion_time=metadata.get("deletionTimestamp"),
     )
 
 

@@ -384,3 +384,27 @@ def test_workers_that_cannot_be_scheduled_are_explained(
     assert running["reason"] == "WaitingForWorkers"
     assert GPU_RESOURCE in running["message"] and "add nodes" in running["message"]
     assert GPU_RESOURCE in ftj.kubectl("describe", "ftj", "big").stdout
+
+
+def test_a_group_stuck_terminating_is_let_go_after_the_grace(
+    ftj: Ftj, operator: OperatorProcess
+) -> None:
+    """Pods Terminating forever (their node unreachable; here a finalizer holds one) would block
+    the foreground delete of the old group: after --replace-grace-seconds it is let go."""
+    operator.stop()
+    operator.args += ["--replace-grace-seconds", "3"]
+    operator.start()
+    assert ftj.apply(xpu_job("stuck", workers=2, devices=1)).returncode == 0
+    ftj.wait_phase("stuck", "Running")
+    held, other = (p.metadata.name for p in ftj.pods("stuck"))
+    hold = {"metadata": {"finalizers": ["finetune.dev/e2e-hold"]}}
+    ftj.core_api.patch_namespaced_pod(held, ftj.namespace, hold)
+    try:
+        set_pod_phase(ftj.core_api, ftj.namespace, other, "Failed")
+        status = ftj.wait_phase("stuck", "Running", restarts=1, timeout=60)
+        assert status["lastFailure"]["pod"] == other
+        stuck_pod = ftj.core_api.read_namespaced_pod(held, ftj.namespace)
+        assert stuck_pod.metadata.deletion_timestamp is not None  # still there, let go
+        assert len(ftj.jobs("stuck")) == 1 and len(ftj.pods("stuck")) == 2
+    finally:
+        ftj.core_api.patch_namespaced_pod(held, ftj.namespace, {"metadata": {"finalizers": None}})

@@ -307,6 +307,25 @@ def test_replaced_group_is_restarting_until_all_run_again() -> None:
     assert up.status["phase"] == "Running" and up.status["worldSize"] == 4
 
 
+def test_a_group_that_does_not_go_is_let_go_after_the_grace() -> None:
+    status = {**running_status(), "phase": "Restarting"}
+    going = WorkerJob(
+        uid="old",
+        world_size=2,
+        config_hash="c",
+        template_hash=HASH,
+        suspended=False,
+        complete=False,
+        failed=True,
+        deleting=True,
+        deletion_time="2026-01-01T11:59:00Z",
+    )
+    waiting = plan(inputs(status=status, worker_job=going))
+    assert waiting.orphan_job is None and not waiting.apply_job
+    stuck = plan(inputs(status=status, worker_job=going, now=NOW + timedelta(minutes=2)))
+    assert stuck.orphan_job == "old" and not stuck.apply_job
+
+
 def test_suspend_and_resume() -> None:
     suspended = plan(inputs(spec(suspend=True), running_status(), job(suspended=True)))
     assert suspended.apply_job and suspended.status["phase"] == "Suspended"
