@@ -35,6 +35,15 @@ phase=$2
       $B --gpu 1 --paths ours-liger --methods lora --steps 3 --run-timeout 80 ) > "$OUT/gpu1.log" 2>&1 &
     wait
     echo "---- GPU 0"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu0.log"; echo "---- GPU 1"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu1.log"
+  elif [ "$phase" = final ]; then
+    # the compiled path at micro-batch 2 (no profiler), the profile of one optimizer step of
+    # the auto path, then DDP on 2 GPUs (auto micro-batch: 32 per rank, accumulation 2)
+    ( $B --gpu 0 --paths ours --methods lora --steps 3 --run-timeout 170
+      $B --gpu 0 --paths ours-auto --methods lora --steps 3 --profile-step 3 --tag profile- --run-timeout 130 ) > "$OUT/gpu0.log" 2>&1 &
+    ( $B --gpu 1 --paths ours --methods qlora --steps 3 --run-timeout 170 ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    echo "---- GPU 0"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu0.log"; echo "---- GPU 1"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu1.log"
+    $B --paths ours-auto --methods lora,qlora --worlds 2 --steps 3 --run-timeout 130
   else
     $B --paths ours --methods lora,qlora --worlds 2 --steps 4 --run-timeout 150
     $B --paths ours --methods lora --worlds 1 --torchrun --steps 4 --tag torchrun- --run-timeout 120

@@ -428,7 +428,7 @@ def driver(args: argparse.Namespace) -> int:
                                      "profile_step", "tiny", "tiny_cpu", "torchrun", "gpu") and v is not None]
                 flags = base + [f"--path={path}", f"--method={method}", f"--steps={steps}", "--child"]
                 flags += ["--tiny"] * args.tiny + ["--tiny-cpu"] * args.tiny_cpu
-                if args.profile_step and path == "ours" and world == 1:
+                if args.profile_step and path.startswith("ours") and world == 1:
                     flags.append(f"--profile-step={args.profile_step}")
                 if world > 1 or args.torchrun:
                     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
