@@ -173,9 +173,10 @@ class PerfOptions:
         accelerator = device_kind in ("cuda", "xpu")
         if not fused_kernels:
             return cls(compile_layers=False, liger_loss=False, liger_layers=False)
-        # Liger's fused linear cross-entropy is opt-in until measured on the device (it saves
-        # the [tokens, vocab] logits, which matter only at large micro-batches).
-        return cls(compile_layers=accelerator, liger_loss=False, liger_layers=False)
+        # Measured on an H200 (benchmarks/README.md): compiled layers + Liger's fused linear
+        # cross-entropy where liger-kernel is installed (the `fast` extra).
+        return cls(compile_layers=accelerator, liger_loss=accelerator and liger_available(),
+                   liger_layers=False)
 
 
 def liger_available() -> bool:
@@ -220,9 +221,9 @@ def apply_liger(model: Any, layers: bool, loss: bool) -> bool:
 
     from liger_kernel.transformers import monkey_patch as liger
 
-    # Not apply_liger_kernel_to_llama(model=...): it finds the decoder through
-    # base_model_prefix, which transformers 5 sets to "transformer" (BC) on LlamaForCausalLM,
-    # so it patches nothing and raises. The same patches, done on the instance:
+    # The patches of apply_liger_kernel_to_llama(model=...), done here on the unwrapped
+    # LlamaForCausalLM (a peft wrapper forwards attribute lookups, so handing liger the
+    # wrapper makes it look for the decoder on the wrong object). This is what was measured.
     if layers:
         from transformers.models.llama import modeling_llama
 
