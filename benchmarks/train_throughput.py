@@ -51,19 +51,37 @@ sys.path[:0] = [str(REPO / "trainer"), str(REPO / "operator")]
 
 PEAK_FLOPS = 989e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+NCCL_SAFE = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 def model_config(tiny: bool, layers: int | None) -> Any:
     from transformers import LlamaConfig
 
     if tiny:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+        )
     else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                          max_position_embeddings=4096, rms_norm_eps=1e-5)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        )
     if layers:
         cfg.num_hidden_layers = layers
     cfg.use_cache = False
@@ -71,15 +89,22 @@ def model_config(tiny: bool, layers: int | None) -> Any:
     return cfg
 
 
-def synthetic_alpaca(n: int, cutoff: int, vocab: int, seed: int = 1234) -> list[dict[str, list[int]]]:
+def synthetic_alpaca(
+    n: int, cutoff: int, vocab: int, seed: int = 1234
+) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.exp(math.log(140) + 0.5 * torch.randn(n, generator=g)).round().clamp(40, cutoff)
     rows = []
     for length in lengths.long().tolist():
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         prompt = int(0.45 * length)
-        rows.append({"input_ids": ids, "attention_mask": [1] * length,
-                     "labels": [-100] * prompt + ids[prompt:]})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * length,
+                "labels": [-100] * prompt + ids[prompt:],
+            }
+        )
     return rows
 
 
@@ -117,7 +142,9 @@ def tokenizer_stub(vocab: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t2")
+    t = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t2"
+    )
     t.padding_side = "right"
     return t
 
@@ -131,14 +158,26 @@ def quantize_linears(model: Any, compute_dtype: torch.dtype) -> None:
             for name, child in list(parent.named_children()):
                 if name not in TARGETS:
                     continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                      compute_dtype=compute_dtype, compress_statistics=True,
-                                      quant_type="nf4", quant_storage=compute_dtype,
-                                      device="meta")
-                w = bnb.nn.Params4bit(child.weight.data.contiguous(), requires_grad=False,
-                                      compress_statistics=True, quant_type="nf4",
-                                      quant_storage=compute_dtype)
-                q.weight = w.to(child.weight.device)  # moving an unquantized Params4bit quantizes it
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=compute_dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    quant_storage=compute_dtype,
+                    device="meta",
+                )
+                w = bnb.nn.Params4bit(
+                    child.weight.data.contiguous(),
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    quant_storage=compute_dtype,
+                )
+                q.weight = w.to(
+                    child.weight.device
+                )  # moving an unquantized Params4bit quantizes it
                 setattr(parent, name, q)
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -147,9 +186,13 @@ def quantize_linears(model: Any, compute_dtype: torch.dtype) -> None:
 
     # what from_pretrained(quantization_config=...) leaves on the model, so Trainer/peft treat
     # it exactly as a loaded 4-bit checkpoint
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
-                                 bnb_4bit_quant_storage=compute_dtype)
+    qconfig = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,
+    )
     model.hf_quantizer = Bnb4BitHfQuantizer(qconfig, pre_quantized=False)
     model.config.quantization_config = qconfig
     model.is_loaded_in_4bit = True
@@ -164,13 +207,21 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, An
     cfg = model_config(args.tiny, args.layers)
     torch.manual_seed(0)
     with device:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     if args.method == "qlora":
         quantize_linears(model, torch.bfloat16)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(42)  # the LoRA A matrices: the same on every rank and in every path
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, bias="none",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     return model, cfg
 
@@ -210,15 +261,23 @@ class Recorder:
                 if rec.profiler is not None:
                     rec.stop_profiler()
                 tokens, flops, examples = counter.tokens, counter.flops, counter.examples
-                rec.steps.append({"step": state.global_step, "seconds": now - rec.last,
-                                  "tokens": tokens - rec.mark[0], "flops": flops - rec.mark[1],
-                                  "examples": examples - rec.mark[2]})
+                rec.steps.append(
+                    {
+                        "step": state.global_step,
+                        "seconds": now - rec.last,
+                        "tokens": tokens - rec.mark[0],
+                        "flops": flops - rec.mark[1],
+                        "examples": examples - rec.mark[2],
+                    }
+                )
                 rec.last, rec.mark = now, (tokens, flops, examples)
 
             def on_log(self, a: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
                 if logs and "loss" in logs:
-                    rec.logs[state.global_step] = {"loss": float(logs["loss"]),
-                                                   "grad_norm": float(logs.get("grad_norm", float("nan")))}
+                    rec.logs[state.global_step] = {
+                        "loss": float(logs["loss"]),
+                        "grad_norm": float(logs.get("grad_norm", float("nan"))),
+                    }
 
         self.callback = CB()
         self.last = 0.0
@@ -231,7 +290,9 @@ class Recorder:
     def start_profiler(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        acts = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+        )
         self.profiler = profile(activities=acts)
         self.profiler.__enter__()
 
@@ -255,7 +316,9 @@ def summarise_profile(prof: Any, device: torch.device) -> dict[str, Any]:
         n = name.lower()
         if "nccl" in n:
             return "nccl"
-        if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "gemv")):
+        if any(
+            k in n for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "gemv")
+        ):
             return "matmul (cuBLAS)"
         if any(k in n for k in ("fmha", "attention", "flash", "efficient")):
             return "attention"
@@ -272,10 +335,14 @@ def summarise_profile(prof: Any, device: torch.device) -> dict[str, Any]:
     for name, ms, _ in kernels:
         cats[category(name)] = cats.get(category(name), 0.0) + ms
     kernels.sort(key=lambda k: -k[1])
-    return {"gpu_ms_by_category": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "gpu_ms_total": round(sum(cats.values()), 1),
-            "kernel_launches": int(sum(c for _, _, c in kernels)),
-            "top_kernels": [(n[:90], round(ms, 1), c) for n, ms, c in kernels[:15]]}
+    return {
+        "gpu_ms_by_category": {
+            k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])
+        },
+        "gpu_ms_total": round(sum(cats.values()), 1),
+        "kernel_launches": int(sum(c for _, _, c in kernels)),
+        "top_kernels": [(n[:90], round(ms, 1), c) for n, ms, c in kernels[:15]],
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -307,22 +374,45 @@ def child(args: argparse.Namespace) -> None:
             liger_layers=liger and path == "ours-liger",
         )
         perf.optimize_model(model, options)
-        inner = perf.PackingCollator(pad_token_id=0, pad_to_multiple_of=64,
-                                     row_tokens=args.row_tokens if path == "ours-auto" else None)
+        inner = perf.PackingCollator(
+            pad_token_id=0,
+            pad_to_multiple_of=64,
+            row_tokens=args.row_tokens if path == "ours-auto" else None,
+        )
     else:
         options = None
-        inner = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
-                                       padding=True, label_pad_token_id=-100)
+        inner = DataCollatorForSeq2Seq(
+            tokenizer,
+            pad_to_multiple_of=8,
+            return_tensors="pt",
+            padding=True,
+            label_pad_token_id=-100,
+        )
     build_s = time.perf_counter() - t_build
     per_rank = args.global_batch // world
     accumulation = per_rank // micro
     kwargs: dict[str, Any] = dict(
-        output_dir=str(Path(args.out) / "trainer-tmp"), per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accumulation, max_steps=args.steps, learning_rate=3e-4,
-        lr_scheduler_type="cosine", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=1.0, bf16=cuda, logging_steps=1, save_strategy="no", seed=42, data_seed=42,
-        report_to="none", disable_tqdm=True, remove_unused_columns=False, use_cpu=not cuda,
-        ddp_find_unused_parameters=False, dataloader_drop_last=True,
+        output_dir=str(Path(args.out) / "trainer-tmp"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        max_steps=args.steps,
+        learning_rate=3e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=cuda,
+        logging_steps=1,
+        save_strategy="no",
+        seed=42,
+        data_seed=42,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=not cuda,
+        ddp_find_unused_parameters=False,
+        dataloader_drop_last=True,
     )
     if ours:
         kwargs |= perf.training_argument_overrides(device.type if cuda else "cpu", "adamw_torch")
@@ -330,16 +420,26 @@ def child(args: argparse.Namespace) -> None:
     _ = targs.device  # initialises the process group under torchrun
     probe: dict[str, Any] = {}
     if path == "ours-auto":
-        collate_probe = perf.PackingCollator(pad_token_id=0, pad_to_multiple_of=64, row_tokens=args.row_tokens)
+        collate_probe = perf.PackingCollator(
+            pad_token_id=0, pad_to_multiple_of=64, row_tokens=args.row_tokens
+        )
         t0 = time.perf_counter()
         if cuda:
-            budget = int(torch.cuda.get_device_properties(device).total_memory * args.memory_fraction)
+            budget = int(
+                torch.cuda.get_device_properties(device).total_memory * args.memory_fraction
+            )
 
             def step(m: int) -> None:
-                perf.probe_step(model, perf.worst_case_batch(m, args.cutoff, cfg.vocab_size, collate_probe, device))
+                perf.probe_step(
+                    model,
+                    perf.worst_case_batch(m, args.cutoff, cfg.vocab_size, collate_probe, device),
+                )
 
             micro, measured = perf.auto_micro_batch(step, args.global_batch, world, budget)
-            probe = {"budget_gib": budget / 2**30, "peaks_gib": {k: v / 2**30 for k, v in measured.items()}}
+            probe = {
+                "budget_gib": budget / 2**30,
+                "peaks_gib": {k: v / 2**30 for k, v in measured.items()},
+            }
         else:
             micro = max(perf.candidate_micro_batches(args.global_batch, world, limit=16))
         if world > 1:
@@ -355,19 +455,30 @@ def child(args: argparse.Namespace) -> None:
     recorder = Recorder(counter, device)
     if args.profile_step and rank == 0:
         recorder.profile_step = args.profile_step
-    trainer = Trainer(model=model, args=targs, train_dataset=ListDataset(rows), data_collator=counter,
-                      processing_class=tokenizer, callbacks=[recorder.callback])
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=ListDataset(rows),
+        data_collator=counter,
+        processing_class=tokenizer,
+        callbacks=[recorder.callback],
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     trainer.train()
     total_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
-    timed = [s for s in recorder.steps
-             if s["step"] > args.warmup_steps and s["step"] != args.profile_step]  # profiler slows its step
+    timed = [
+        s
+        for s in recorder.steps
+        if s["step"] > args.warmup_steps and s["step"] != args.profile_step
+    ]  # profiler slows its step
     if world > 1:  # sum tokens/flops over ranks (each rank counted what it collated)
         for s in recorder.steps:
-            t = torch.tensor([s["tokens"], s["flops"], s["examples"]], dtype=torch.float64, device=device)
+            t = torch.tensor(
+                [s["tokens"], s["flops"], s["examples"]], dtype=torch.float64, device=device
+            )
             torch.distributed.all_reduce(t)
             s["tokens"], s["flops"], s["examples"] = int(t[0]), float(t[1]), int(t[2])
         t = torch.tensor([peak], device=device)
@@ -377,21 +488,34 @@ def child(args: argparse.Namespace) -> None:
     tokens = sum(s["tokens"] for s in timed)
     flops = sum(s["flops"] for s in timed)
     result = {
-        "path": path, "method": args.method, "world_size": world, "micro_batch": micro,
-        "accumulation": accumulation, "global_batch": args.global_batch,
-        "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+        "path": path,
+        "method": args.method,
+        "world_size": world,
+        "micro_batch": micro,
+        "accumulation": accumulation,
+        "global_batch": args.global_batch,
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
         "options": None if options is None else options.__dict__,
         "optimizer": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
-        "n_base_flop_params": n_base, "n_lora": n_lora,
-        "build_s": round(build_s, 1), "train_s": round(total_s, 1), "probe": probe,
-        "steps": recorder.steps, "timed_steps": [s["step"] for s in timed],
+        "n_base_flop_params": n_base,
+        "n_lora": n_lora,
+        "build_s": round(build_s, 1),
+        "train_s": round(total_s, 1),
+        "probe": probe,
+        "steps": recorder.steps,
+        "timed_steps": [s["step"] for s in timed],
         "s_per_step": seconds / len(timed) if timed else None,
         "tokens_per_s": tokens / seconds if seconds else None,
         "tokens_per_s_per_gpu": tokens / seconds / world if seconds else None,
         "examples_per_step": timed[0]["examples"] if timed else None,
         "mfu": flops / seconds / (PEAK_FLOPS * world) if seconds and cuda else None,
-        "peak_gib": round(peak, 2), "logs": recorder.logs,
-        "finite_grads": all(math.isfinite(v["grad_norm"]) and math.isfinite(v["loss"]) for v in recorder.logs.values()),
+        "peak_gib": round(peak, 2),
+        "logs": recorder.logs,
+        "finite_grads": all(
+            math.isfinite(v["grad_norm"]) and math.isfinite(v["loss"])
+            for v in recorder.logs.values()
+        ),
         "profile": getattr(recorder, "profile_result", None),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
@@ -400,9 +524,27 @@ def child(args: argparse.Namespace) -> None:
         out = Path(args.out) / f"{args.tag or ''}{args.method}-{path}-w{world}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        brief = {k: result[k] for k in ("path", "method", "world_size", "micro_batch", "accumulation",
-                                        "s_per_step", "tokens_per_s", "mfu", "peak_gib", "finite_grads")}
-        print("RESULT", json.dumps(brief), {k: round(v["loss"], 5) for k, v in result["logs"].items()}, flush=True)
+        brief = {
+            k: result[k]
+            for k in (
+                "path",
+                "method",
+                "world_size",
+                "micro_batch",
+                "accumulation",
+                "s_per_step",
+                "tokens_per_s",
+                "mfu",
+                "peak_gib",
+                "finite_grads",
+            )
+        }
+        print(
+            "RESULT",
+            json.dumps(brief),
+            {k: round(v["loss"], 5) for k, v in result["logs"].items()},
+            flush=True,
+        )
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -423,16 +565,46 @@ def driver(args: argparse.Namespace) -> int:
         for method in args.methods.split(","):
             for path in args.paths.split(","):
                 steps = args.baseline_steps if path == "baseline" else args.steps
-                base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                        if k not in ("paths", "methods", "worlds", "child", "path", "method", "steps",
-                                     "profile_step", "tiny", "tiny_cpu", "torchrun", "gpu") and v is not None]
-                flags = base + [f"--path={path}", f"--method={method}", f"--steps={steps}", "--child"]
+                base = [
+                    f"--{k.replace('_', '-')}={v}"
+                    for k, v in vars(args).items()
+                    if k
+                    not in (
+                        "paths",
+                        "methods",
+                        "worlds",
+                        "child",
+                        "path",
+                        "method",
+                        "steps",
+                        "profile_step",
+                        "tiny",
+                        "tiny_cpu",
+                        "torchrun",
+                        "gpu",
+                    )
+                    and v is not None
+                ]
+                flags = [
+                    *base,
+                    f"--path={path}",
+                    f"--method={method}",
+                    f"--steps={steps}",
+                    "--child",
+                ]
                 flags += ["--tiny"] * args.tiny + ["--tiny-cpu"] * args.tiny_cpu
                 if args.profile_step and path.startswith("ours") and world == 1:
                     flags.append(f"--profile-step={args.profile_step}")
                 if world > 1 or args.torchrun:
-                    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-                           "--master-port=29533", __file__, *flags]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        f"--nproc-per-node={world}",
+                        "--master-port=29533",
+                        __file__,
+                        *flags,
+                    ]
                 else:
                     cmd = [sys.executable, __file__, *flags]
                 run_env = dict(env)
@@ -441,21 +613,32 @@ def driver(args: argparse.Namespace) -> int:
                 print(f"== {method} {path} world {world}: {' '.join(cmd[-6:])}", flush=True)
                 t0 = time.perf_counter()
                 rc = run(cmd, run_env, args.run_timeout)
-                if rc not in (0, 124) and path in ("ours", "ours-auto") and not env.get("BENCH_NO_COMPILE"):
+                if (
+                    rc not in (0, 124)
+                    and path in ("ours", "ours-auto")
+                    and not env.get("BENCH_NO_COMPILE")
+                ):
                     print("== retrying without torch.compile", flush=True)
-                    rc = run([*cmd, "--tag=nocompile-"], {**run_env, "BENCH_NO_COMPILE": "1"},
-                             args.run_timeout)
+                    rc = run(
+                        [*cmd, "--tag=nocompile-"],
+                        {**run_env, "BENCH_NO_COMPILE": "1"},
+                        args.run_timeout,
+                    )
                 print(f"== rc {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
                 failures += rc != 0
     return failures
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--paths", default="baseline,ours,ours-auto")
     p.add_argument("--methods", default="lora,qlora")
     p.add_argument("--worlds", default="1", help="driver: world sizes (torchrun --nproc-per-node)")
-    p.add_argument("--torchrun", action="store_true", help="driver: launch world 1 through torchrun too")
+    p.add_argument(
+        "--torchrun", action="store_true", help="driver: launch world 1 through torchrun too"
+    )
     p.add_argument("--gpu", default="0", help="driver: the GPU for world-1 runs")
     p.add_argument("--child", action="store_true")
     p.add_argument("--path", default="ours")

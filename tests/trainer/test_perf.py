@@ -78,7 +78,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_pack_rows_in_order_and_bounded() -> None:
     rows = perf.pack_rows([5, 5, 5, 12, 1, 1], row_tokens=10)
     assert rows == [[0, 1], [2], [3], [4, 5]]
-    assert sum(rows, []) == list(range(6))
+    assert [i for row in rows for i in row] == list(range(6))
 
 
 def test_collator_layout() -> None:
@@ -103,7 +103,9 @@ def test_packed_equals_padded_loss_and_grad(row_tokens: int | None) -> None:
     model = tiny_llama()
     feats = examples(6)
     loss_pad, g_pad = loss_and_grads(model, padded(feats))
-    packed = perf.PackingCollator(pad_token_id=0, pad_to_multiple_of=8, row_tokens=row_tokens)(feats)
+    packed = perf.PackingCollator(pad_token_id=0, pad_to_multiple_of=8, row_tokens=row_tokens)(
+        feats
+    )
     if row_tokens is not None:
         assert packed["input_ids"].shape[0] > 1
     loss_pack, g_pack = loss_and_grads(model, packed)
@@ -117,9 +119,20 @@ def test_packed_equals_padded_with_lora_and_peft() -> None:
 
     base = tiny_llama()
     config = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        task_type="CAUSAL_LM", init_lora_weights="gaussian",  # B != 0: A and B both get grads
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        task_type="CAUSAL_LM",
+        init_lora_weights="gaussian",  # B != 0: A and B both get grads
     )
     model = get_peft_model(base, config)
     feats = examples(4, seed=3)
@@ -219,3 +232,19 @@ def test_auto_micro_batch_picks_largest_fitting(monkeypatch: pytest.MonkeyPatch)
     choice, measured = perf.auto_micro_batch(step, 128, 2, memory_budget=60)
     assert choice == 16 and 2 in measured and 4 in measured
     assert (128 // 2) % choice == 0
+
+
+def test_host_token_counter_counts_without_the_device() -> None:
+    feats = examples(5, seed=11)
+    collate = perf.HostTokenCounter(perf.PackingCollator(pad_to_multiple_of=8))
+    batch = collate(feats[:3])
+    collate(feats[3:])
+    assert collate.tokens == sum(len(f["input_ids"]) for f in feats)
+    assert batch["input_ids"].shape[0] == 1
+
+    class State:
+        num_input_tokens_seen = 0
+
+    state = State()
+    collate.callback(world_size=2).on_step_end(None, state, None)
+    assert state.num_input_tokens_seen == 2 * collate.tokens

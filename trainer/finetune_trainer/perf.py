@@ -1,13 +1,27 @@
 """Performance switches for the trainer, as library calls (issue 7).
 
 Each switch is exact (same loss and gradient up to bf16 rounding) unless its doc says otherwise.
-The trainer adopts them with three calls (see `benchmarks/README.md`):
+The trainer (train.py) adopts them like this (alpaca methods; DPO untouched):
 
-    args_kwargs |= perf.training_argument_overrides(device.kind, optimizer)   # TrainingArguments
-    collator = perf.PackingCollator(...)                       # padding-free data collator
-    model = perf.optimize_model(model, perf.PerfOptions.for_device(device.kind, fused_kernels))
+    # training_arguments(): after `common` is built
+    common |= perf.training_argument_overrides(device.kind, config.optimizer)
+    common["use_liger_kernel"] = False          # optimize_model applies Liger itself
 
-and `perf.auto_micro_batch(...)` for `training.microBatchSize: auto`.
+    # build_trainer(), non-DPO branch
+    model = perf.optimize_model(prepare_model(config, device),
+                                perf.PerfOptions.for_device(device.kind, config.fused_kernels))
+    collate = perf.HostTokenCounter(
+        perf.PackingCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=64)
+        if config.padding_free else build_collator(tokenizer, config.pad_to_multiple_of, False))
+    Trainer(..., data_collator=collate, callbacks=[*callbacks, collate.callback(world.world_size)])
+
+`HostTokenCounter` keeps `state.num_input_tokens_seen` (read by progress.py for tokens/s)
+without the per-micro-batch device sync. For `microBatchSize: auto`, after the model is built
+and the process group is up: `auto_micro_batch(step, global, world, budget)` with
+`step = lambda m: probe_step(model, worst_case_batch(m, cutoff, vocab, collator, device))`,
+all-reduce(min) the result over ranks, then set per_device_train_batch_size and
+gradient_accumulation_steps = global // (micro x world) (benchmarks/train_throughput.py does
+exactly this).
 
 What each does, and why:
 
@@ -157,6 +171,39 @@ def training_argument_overrides(device_kind: str, optimizer: str = "adamw_torch"
     return overrides
 
 
+class HostTokenCounter:
+    """Counts non-padding input tokens on the host, at collation: no device sync.
+
+    Wraps a collator (`collate = HostTokenCounter(collator)`), and as a TrainerCallback
+    (`callbacks=[..., collate.callback(world_size)]`) writes the count into
+    `state.num_input_tokens_seen` at each optimizer step, so progress reporting that reads
+    it keeps working with `include_num_input_tokens_seen="no"`. Each rank counts what it
+    collates; the count is scaled by the world size (ranks get equal numbers of examples,
+    lengths differ a little, so it is an estimate within a few percent, like the per-step
+    rate itself). accelerate prefetches one micro-batch, so the count runs one micro-batch
+    ahead.
+    """
+
+    def __init__(self, collator: Callable[[Sequence[dict[str, Any]]], Any]) -> None:
+        self.collator = collator
+        self.tokens = 0
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> Any:
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.collator(features)
+
+    def callback(self, world_size: int = 1) -> Any:
+        from transformers import TrainerCallback
+
+        counter = self
+
+        class _Tokens(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                state.num_input_tokens_seen = counter.tokens * world_size
+
+        return _Tokens()
+
+
 # --------------------------------------------------------------------------------------------
 # Model: fused kernels and compilation
 # --------------------------------------------------------------------------------------------
@@ -175,8 +222,11 @@ class PerfOptions:
             return cls(compile_layers=False, liger_loss=False, liger_layers=False)
         # Measured on an H200 (benchmarks/README.md): compiled layers + Liger's fused linear
         # cross-entropy where liger-kernel is installed (the `fast` extra).
-        return cls(compile_layers=accelerator, liger_loss=accelerator and liger_available(),
-                   liger_layers=False)
+        return cls(
+            compile_layers=accelerator,
+            liger_loss=accelerator and liger_available(),
+            liger_layers=False,
+        )
 
 
 def liger_available() -> bool:
@@ -253,8 +303,9 @@ def compile_decoder_layers(model: Any, dynamic: bool | None = True) -> int:
 def optimize_model(model: Any, options: PerfOptions) -> Any:
     """Apply the fused-kernel switches in place; returns the model for chaining."""
     applied = []
-    if apply_liger(model, layers=options.liger_layers and not options.compile_layers,
-                   loss=options.liger_loss):
+    if apply_liger(
+        model, layers=options.liger_layers and not options.compile_layers, loss=options.liger_loss
+    ):
         applied.append("liger")
     if options.compile_layers:
         applied.append(f"compiled {compile_decoder_layers(model)} decoder layers")
@@ -267,7 +318,9 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def candidate_micro_batches(global_batch: int, world_size: int, limit: int | None = None) -> list[int]:
+def candidate_micro_batches(
+    global_batch: int, world_size: int, limit: int | None = None
+) -> list[int]:
     """Micro-batch sizes that keep the batch rule whole: divisors of the per-rank share."""
     per_rank = global_batch // world_size
     sizes = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
@@ -323,7 +376,10 @@ def auto_micro_batch(
 
 
 def worst_case_batch(
-    micro_batch: int, cutoff_len: int, vocab_size: int, collator: Callable[[list[dict[str, Any]]], Any],
+    micro_batch: int,
+    cutoff_len: int,
+    vocab_size: int,
+    collator: Callable[[list[dict[str, Any]]], Any],
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """A micro-batch of `micro_batch` examples at cutoff length (random ids), collated."""
@@ -346,6 +402,7 @@ def probe_step(model: Any, batch: dict[str, torch.Tensor], bf16: bool = True) ->
 
 __all__ = [
     "IGNORE_INDEX",
+    "HostTokenCounter",
     "PackingCollator",
     "PerfOptions",
     "auto_micro_batch",
