@@ -204,6 +204,7 @@ def test_training_argument_overrides_build() -> None:
 
 def test_options_for_device() -> None:
     assert not perf.PerfOptions.for_device("cpu").compile_layers
+    assert not perf.PerfOptions.for_device("xpu").compile_layers  # not measured there yet
     assert perf.PerfOptions.for_device("cuda").compile_layers
     off = perf.PerfOptions.for_device("cuda", fused_kernels=False)
     assert not (off.compile_layers or off.liger_loss or off.liger_layers)
@@ -248,3 +249,22 @@ def test_host_token_counter_counts_without_the_device() -> None:
     state = State()
     collate.callback(world_size=2).on_step_end(None, state, None)
     assert state.num_input_tokens_seen == 2 * collate.tokens
+
+
+def test_trainer_uses_perf_on_cuda_only() -> None:
+    """train.training_arguments: the perf overrides on CUDA; the CPU recipe unchanged."""
+    from trainer_helpers import EXAMPLE
+
+    from finetune_trainer.config import World, load_config
+    from finetune_trainer.device import DeviceInfo
+    from finetune_trainer.train import training_arguments
+
+    config = load_config(EXAMPLE, output="/tmp/perf-args-out")
+    one = World(rank=0, local_rank=0, world_size=1, local_world_size=1)
+    cuda = training_arguments(config, DeviceInfo(kind="cuda", backend="nccl", local_rank=0), one)
+    assert cuda.optim == "adamw_torch_fused"
+    assert not cuda.logging_nan_inf_filter and cuda.include_num_input_tokens_seen == "no"
+    assert not cuda.use_liger_kernel  # perf.optimize_model applies Liger itself
+    cpu = training_arguments(config, DeviceInfo(kind="cpu", backend="gloo", local_rank=0), one)
+    assert cpu.optim == "adamw_torch" and cpu.logging_nan_inf_filter
+    assert cpu.include_num_input_tokens_seen == "non_padding"

@@ -25,6 +25,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from finetune_operator.api import Method
 from finetune_operator.resolve import ResolvedConfig, SpecError
+from finetune_trainer import perf
 from finetune_trainer.config import World, check_batch_rule, format_table, reconcile_world
 from finetune_trainer.data import build_collator, build_datasets
 from finetune_trainer.device import OOM_ADVICE, DeviceInfo, importable, is_oom, select_device
@@ -117,6 +118,12 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         and importable("liger_kernel"),
         "log_level_replica": "error",
     }
+    if device.kind == "cuda" and config.method is not Method.DPO:
+        # issue 7 (benchmarks/README.md): no host syncs inside the accumulation loop (tokens
+        # are counted on the host instead, see build_trainer), pinned non-blocking batches,
+        # fused AdamW; Liger is applied by perf.optimize_model, as measured.
+        common |= perf.training_argument_overrides(device.kind, config.optimizer)
+        common["use_liger_kernel"] = False
     if config.deepspeed_zero_stage is not None:
         if not importable("deepspeed"):
             raise TrainingError(
@@ -175,12 +182,26 @@ def build_trainer(
         return trainer, tokenizer
     from transformers import Trainer
 
+    model = prepare_model(config, device)
+    collator: Any = build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free)
+    if device.kind == "cuda":
+        # issue 7: compiled decoder layers + Liger's fused linear cross-entropy, packed rows
+        # with a 4D block mask (no per-forward sync), tokens counted on the host.
+        model = perf.optimize_model(
+            model, perf.PerfOptions.for_device(device.kind, config.fused_kernels)
+        )
+        if config.padding_free:
+            collator = perf.PackingCollator(
+                pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=64
+            )
+        collator = perf.HostTokenCounter(collator)
+        callbacks = [*callbacks, collator.callback(world.world_size)]
     trainer = Trainer(
-        model=prepare_model(config, device),
+        model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        data_collator=build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
