@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -179,7 +179,7 @@ class TrainingSpec(_Spec):
         description="Examples per optimizer step, kept constant whatever the world size. "
         f"Default: {SFT_DEFAULTS.global_batch_size} (dpo: {DPO_DEFAULTS.global_batch_size}).",
     )
-    micro_batch_size: int | Literal["auto"] | None = Field(
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         default=None,
         description="Examples per device per forward pass, or 'auto' for the largest that fits "
         "the device (the global batch is kept). Gradient accumulation is derived: "
@@ -317,6 +317,19 @@ class OutputSpec(_Spec):
     )
 
 
+# A Kubernetes quantity: 2, "500m", "64Gi".
+Quantity = int | str
+
+
+class ResourceRequirements(_Spec):
+    limits: dict[str, Quantity] | None = Field(
+        default=None, description="Most of each resource a worker may use (e.g. memory: 64Gi)."
+    )
+    requests: dict[str, Quantity] | None = Field(
+        default=None, description="Resources the scheduler reserves for each worker."
+    )
+
+
 class SecretKeyRef(_Spec):
     name: str = Field(min_length=1, description="Secret name, in the FinetuneJob's namespace.")
     key: str = Field(
@@ -352,7 +365,7 @@ class FinetuneJobSpec(_Spec):
     image: str | None = Field(
         default=None, description="Trainer image. Default: the operator's configured image."
     )
-    resources: dict[str, Any] | None = Field(
+    resources: ResourceRequirements | None = Field(
         default=None,
         description="CPU and memory of each worker (core ResourceRequirements); the device "
         "resource is added by the operator.",

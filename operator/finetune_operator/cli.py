@@ -10,7 +10,7 @@ import yaml
 
 from finetune_operator.crd import crd_yaml
 from finetune_operator.objects import JobRef, build_desired_objects
-from finetune_operator.resolve import SpecError, load_manifest, parse_spec, resolve
+from finetune_operator.resolve import SpecError, check_name, load_manifest, parse_spec, resolve
 from finetune_operator.settings import OperatorSettings
 
 
@@ -32,6 +32,7 @@ def render(text: str, settings: OperatorSettings) -> str:
     metadata = manifest.get("metadata") or {}
     spec = parse_spec(manifest.get("spec") or {})
     resolved = resolve(spec, settings.device_resources)
+    check_name(metadata.get("name") or "finetunejob")
     job = JobRef(
         name=metadata.get("name") or "finetunejob",
         namespace=metadata.get("namespace") or "default",

@@ -28,7 +28,7 @@ from finetune_operator.api import (
 
 Schema = dict[str, Any]
 
-_DROPPED_KEYS = {"title", "default", "additionalProperties"}
+_DROPPED_KEYS = {"title", "default"}
 
 
 def _structural(node: Schema, defs: Schema) -> Schema:
@@ -63,11 +63,16 @@ def _structural(node: Schema, defs: Schema) -> Schema:
             result[key] = True
         elif key == "properties":
             result["properties"] = {name: _structural(child, defs) for name, child in value.items()}
+        elif key == "additionalProperties":
+            # A map with typed values (nodeSelector, resource quantities); `false` is pydantic's
+            # extra="forbid", which a structural schema expresses by listing properties.
+            if isinstance(value, dict):
+                result["additionalProperties"] = _structural(value, defs)
         elif key == "items":
             result["items"] = _structural(value, defs)
         else:
             result[key] = value
-    if result.get("type") == "object" and "properties" not in result:
+    if result.get("type") == "object" and not {"properties", "additionalProperties"} & set(result):
         # Passed-through Kubernetes types (resources, affinity, tolerations ...).
         result["x-kubernetes-preserve-unknown-fields"] = True
     if "const" in node and "type" not in result:
@@ -223,6 +228,13 @@ def crd() -> Schema:
                             "set and a method, run as a group of worker pods.",
                             "required": ["spec"],
                             "x-kubernetes-validations": [
+                                {
+                                    "rule": "self.metadata.name.matches("
+                                    "'^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                                    "message": "metadata.name must be lower-case letters, "
+                                    "digits and '-', starting with a letter (no dots): it names "
+                                    "the worker Service",
+                                },
                                 {
                                     "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                                     "message": f"metadata.name must be at most {MAX_NAME_LENGTH} "

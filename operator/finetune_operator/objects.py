@@ -245,7 +245,9 @@ def _env(job: JobRef, spec: FinetuneJobSpec, resolved: ResolvedConfig) -> list[O
 
 
 def _resources(spec: FinetuneJobSpec, resolved: ResolvedConfig) -> Obj:
-    resources: Obj = {key: dict(value) for key, value in (spec.resources or {}).items()}
+    resources: Obj = (
+        spec.resources.model_dump(exclude_none=True) if spec.resources is not None else {}
+    )
     if resolved.device_resource is not None:
         # Extended resources must be requested in limits; requests equal limits for them.
         count = str(resolved.devices_per_worker)

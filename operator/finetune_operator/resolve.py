@@ -7,6 +7,7 @@ The resolved config is what the operator writes into the job's ConfigMap and
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from finetune_operator.api import (
     DEFAULT_VALIDATION_SIZE,
     DPO_DEFAULTS,
     KIND,
+    MAX_NAME_LENGTH,
     SFT_DEFAULTS,
     DatasetFormat,
     Device,
@@ -26,6 +28,12 @@ from finetune_operator.api import (
     Method,
     QuantizationSpec,
 )
+
+# Kubernetes label values; a nodeSelector value outside it would make the API server reject
+# the worker Job, so it is a spec error here.
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
+# The FinetuneJob's name prefixes the Service (a DNS-1035 label) and the pods' subdomain.
+JOB_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 DISTRIBUTED_BACKEND = {Device.XPU: "xccl", Device.CUDA: "nccl", Device.CPU: "gloo"}
 
@@ -189,6 +197,15 @@ def resolve(
             "training.deepspeedZeroStage applies to method full only: remove it for "
             f"method {spec.method.value}.",
         )
+    if spec.device is Device.CPU and spec.device_resource is not None:
+        raise SpecError("device cpu requests no accelerator: remove deviceResource.")
+    for key, value in (spec.node_selector or {}).items():
+        if not LABEL_VALUE.fullmatch(value):
+            raise SpecError(
+                f"spec.nodeSelector[{key}]: {value!r} is not a label value (at most 63 "
+                "characters: letters, digits, '-', '_' and '.', starting and ending with a "
+                "letter or digit).",
+            )
     validation_size = (
         DEFAULT_VALIDATION_SIZE
         if spec.dataset.validation_size is None
@@ -266,6 +283,16 @@ def resolve(
         output_path=spec.output.path,
         merge_adapter=spec.output.merge_adapter,
     )
+
+
+def check_name(name: str) -> None:
+    """The name prefixes the worker Service and pod hostnames: a short DNS-1035 label."""
+    if not JOB_NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        raise SpecError(
+            f"metadata.name {name!r} must be at most {MAX_NAME_LENGTH} characters of lower-case "
+            "letters, digits and '-', starting with a letter: it names the worker Service and "
+            "prefixes the pods' hostnames.",
+        )
 
 
 def parse_spec(spec: dict[str, Any]) -> FinetuneJobSpec:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from finetune_operator.api import DatasetFormat, Device, Method
-from finetune_operator.resolve import SpecError, parse_spec, resolve
+from finetune_operator.resolve import SpecError, check_name, parse_spec, resolve
 
 MINIMAL = {
     "model": {"name": "meta-llama/Llama-2-7b-hf"},
@@ -172,13 +174,24 @@ def test_full_method_has_no_adapter() -> None:
         ({"trainingg": {}}, "spec.trainingg"),
         ({"training": {"microBatchSize": "big"}}, "spec.training.microBatchSize"),
         ({"training": {"lrScheduler": "cosinus"}}, "spec.training.lrScheduler"),
+        ({"training": {"microBatchSize": 0}}, "spec.training.microBatchSize"),
+        ({"resources": {"limits": 1}}, "spec.resources.limits"),
+        ({"device": "cpu", "deviceResource": "gpu.intel.com/i915"}, "remove deviceResource"),
+        ({"nodeSelector": {"pool": "bad value!"}}, "spec.nodeSelector[pool]: 'bad value!'"),
     ],
 )
 def test_bad_specs_say_what_to_change(spec: dict[str, object], says: str) -> None:
-    with pytest.raises(SpecError, match=says.replace(".", r"\.")):
+    with pytest.raises(SpecError, match=re.escape(says)):
         resolve(parse_spec({**MINIMAL, **spec}))
 
 
 def test_missing_model_is_named() -> None:
     with pytest.raises(SpecError, match=r"spec\.model"):
         parse_spec({"dataset": {"name": "d"}})
+
+
+@pytest.mark.parametrize("name", ["a.b", "1job", "Upper", "x" * 41])
+def test_names_that_cannot_name_the_worker_service(name: str) -> None:
+    with pytest.raises(SpecError, match=r"metadata\.name"):
+        check_name(name)
+    check_name("llama2-alpaca")
