@@ -66,9 +66,12 @@ def runner(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Path]:
             print(f"--- {container_log} ---\n" + container_log.read_text()[-6000:])
 
 
-def tiny_two_workers() -> dict[str, Any]:
+def tiny_two_workers(max_steps: int = 60) -> dict[str, Any]:
+    """Long enough that, on an idle machine too, status is reported several times (every
+    5 s) and a worker can be deleted between the first checkpoint and the end."""
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     manifest["spec"].update({"device": "cpu", "workers": 2, "devicesPerWorker": 1})
+    manifest["spec"]["training"]["maxSteps"] = max_steps
     return manifest
 
 
@@ -100,8 +103,8 @@ def test_two_workers_train_the_tiny_model_to_succeeded(
     assert len({loss for _, loss in seen}) >= 2, seen
 
     status = ftj.status(name)
-    assert status["progress"]["step"] == status["progress"]["maxSteps"] == 20
-    assert status["checkpoint"]["step"] == 20
+    assert status["progress"]["step"] == status["progress"]["maxSteps"] == 60
+    assert status["checkpoint"]["step"] == 60
     assert status["restarts"] == 0 and status["completionTime"]
     assert ftj.condition(name, "Succeeded")["status"] == "True"
 
@@ -146,7 +149,7 @@ def test_deleted_worker_restarts_the_group_from_the_checkpoint(
     applied = ftj.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([volume, pvc]))
     assert applied.returncode == 0, applied.stderr
     try:
-        manifest = tiny_two_workers()
+        manifest = tiny_two_workers(max_steps=100)
         manifest["spec"]["output"] = {"volumeClaim": claim, "path": "/output"}
         name = manifest["metadata"]["name"]
         assert ftj.apply(manifest).returncode == 0
@@ -160,7 +163,7 @@ def test_deleted_worker_restarts_the_group_from_the_checkpoint(
 
         status = ftj.wait_phase(name, "Succeeded", timeout=400)
         assert status["restarts"] == 1 and status["lastFailure"]["pod"] == victim
-        assert status["progress"]["step"] == 20
+        assert status["progress"]["step"] == 100
         logs = "\n".join(
             p.read_text(errors="replace")
             for p in (tmp_path / "runner" / "pods").glob("*/container.log")

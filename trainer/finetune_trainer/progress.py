@@ -120,7 +120,14 @@ class StatusPatcher:
 
     def report(self, status: dict[str, Any]) -> None:
         with self._lock:
-            self._pending.update(status)
+            # Merge field by field: an eval report (no loss) must not drop the last step's loss
+            # from a patch that has not been sent yet.
+            for key, value in status.items():
+                previous = self._pending.get(key)
+                if isinstance(value, dict) and isinstance(previous, dict):
+                    self._pending[key] = {**previous, **value}
+                else:
+                    self._pending[key] = value
         self._wake.set()
 
     def _loop(self) -> None:
