@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from finetune_operator.api import API_VERSION, KIND, MAX_NAME_LENGTH
 from finetune_operator.objects import JobRef, build_desired_objects
-from finetune_operator.resolve import SpecError, parse_spec, resolve
+from finetune_operator.resolve import SpecError, check_name, parse_spec, resolve
 from finetune_operator.settings import OperatorSettings
 
 EXAMPLES = int(os.environ.get("FTO_FUZZ_EXAMPLES", "60"))
@@ -303,6 +303,7 @@ def assert_clear_core_message(error: SpecError) -> None:
 def render(name: str, namespace: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
     parsed = parse_spec(spec)
     resolved = resolve(parsed)
+    check_name(name)
     job = JobRef(name=name, namespace=namespace, uid="00000000-0000-4000-8000-000000000000")
     return build_desired_objects(job, parsed, resolved, OperatorSettings())
 
@@ -323,18 +324,8 @@ PASSTHROUGH_PATHS = (
 
 
 def known_bug(name: str, spec: dict[str, Any]) -> str | None:
-    """Counterexamples of bugs already reported (each has an xfail(strict) test below): the
-    property skips them so that it keeps finding new ones."""
-    if "." in name or name[:1].isdigit():
-        return "name-not-dns-label"
-    if spec.get("device") == "cpu" and "deviceResource" in spec:
-        return "cpu-device-resource"
-    micro = (spec.get("training") or {}).get("microBatchSize")
-    if isinstance(micro, int) and not isinstance(micro, bool) and micro < 1:
-        return "micro-batch-below-one"
-    resources = spec.get("resources")
-    if isinstance(resources, dict) and any(not isinstance(v, dict) for v in resources.values()):
-        return "resources-not-a-map"
+    """Counterexamples of bugs already reported and not yet fixed: the property skips them so
+    that it keeps finding new ones. None open now (each fixed one has a regression test below)."""
     return None
 
 
@@ -458,17 +449,10 @@ def test_accepted_at_apply_rejected_by_the_core_with_a_clear_message(
     assert_clear_core_message(result["error"])
 
 
-# Known bugs, found by the property above (see known_bug): each test fails today and is
-# expected to (xfail strict): when the bug is fixed it passes, and strict makes that a
-# failure until the marker is removed.
+# Regression tests for bugs the property above found (names the Service cannot take, the core
+# more lenient than CEL, resources that are not maps), all fixed in the core.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the CRD admits any DNS-1123 subdomain as metadata.name, but the Service "
-    "<name>-workers must be a DNS-1035 label and the pods' subdomain has no dots: names with "
-    "a dot or a leading digit render into objects the API server rejects",
-)
 @pytest.mark.parametrize("name", ["a.b", "1job"])
 def test_names_the_crd_admits_render_into_accepted_objects(
     kube_api: Any, fuzz_namespace: str, name: str
@@ -477,11 +461,6 @@ def test_names_the_crd_admits_render_into_accepted_objects(
     assert result["outcome"] != "rendered" or not result["rejected"], result["rejected"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: resolve() accepts device cpu with deviceResource (CEL rejects it) and "
-    "microBatchSize < 1 (0 silently becomes the default; -1 gives negative accumulation)",
-)
 @pytest.mark.parametrize(
     "spec",
     [
@@ -500,14 +479,9 @@ def test_core_is_never_more_lenient_than_cel(
         render("lenient", fuzz_namespace, spec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: spec.resources is preserve-unknown-fields; objects._resources() does "
-    "dict(value) on each entry and raises TypeError (not SpecError) on {limits: 1}: the "
-    "operator's handler would crash and retry forever",
-)
 def test_resources_that_are_not_maps_are_a_spec_error(kube_api: Any, fuzz_namespace: str) -> None:
     spec = {**BASE, "resources": {"limits": 1}}
-    dry_run_create(kube_api, fuzz_namespace, manifest("resources", spec))  # the server admits it
+    result = classify(kube_api, fuzz_namespace, "resources", spec)
+    assert result["outcome"] == "server", result
     with pytest.raises(SpecError):
         render("resources", fuzz_namespace, spec)

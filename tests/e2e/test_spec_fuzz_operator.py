@@ -159,12 +159,6 @@ def test_operator_never_crashes_or_loops_on_generated_specs(
     assert not failures, "\n".join(failures[:10])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a child the API server rejects (here a Job whose nodeSelector value is not a "
-    "label value) makes reconcile raise KubeError; main.py logs it and retries every 5 s "
-    "forever, and the FinetuneJob's status never says why (Valid/Created stay as they were)",
-)
 def test_operator_reports_objects_the_api_server_rejects(
     ftj: Ftj, operator: OperatorProcess
 ) -> None:
@@ -181,19 +175,8 @@ def test_operator_reports_objects_the_api_server_rejects(
     wait_for(reported, timeout=15, description="a condition carrying the API server's message")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: spec.resources {limits: 1} is admitted (preserve-unknown-fields) and "
-    "objects._resources raises TypeError: the operator retries it every 5 s forever and "
-    "status never says why",
-)
-def test_operator_reports_resources_that_are_not_maps(ftj: Ftj, operator: OperatorProcess) -> None:
-    assert create(ftj, "bad-resources", {**BASE, "resources": {"limits": 1}}) is not None
-    wait_for(
-        lambda: condition(ftj.get("bad-resources"), "Valid").get("status") == "False",
-        timeout=15,
-        description="Valid=False",
-    )
+def test_resources_that_are_not_maps_are_rejected_at_apply(ftj: Ftj) -> None:
+    assert create(ftj, "bad-resources", {**BASE, "resources": {"limits": 1}}) is None
 
 
 @pytest.mark.parametrize("validation_size", [2.5, 100.5])
