@@ -52,6 +52,7 @@ from finetune_operator.status import (
     parse_time,
     phase_of,
     pod_view,
+    set_condition,
     status_patch,
     timestamp,
     transition_events,
@@ -228,6 +229,16 @@ def plan(i: Inputs) -> Plan:
         cond(ConditionType.FAILED, False, Reason.NO_FAILURE, message)
 
     def created() -> None:
+        rejected = get_condition(old_conditions, ConditionType.CREATED)
+        if (
+            rejected is not None
+            and rejected.get("reason") == Reason.OBJECT_REJECTED.value
+            and rejected.get("observedGeneration") == gen
+        ):
+            # The API server refused a child of this very spec: that stays the answer until
+            # the spec changes (a new generation), so status does not flap every pass.
+            conditions.append(dict(rejected))
+            return
         cond(
             ConditionType.CREATED,
             True,
@@ -555,6 +566,47 @@ class Reconciler:
             log.info("%s/%s status: %s", namespace, name, sorted(patch))
         for event in decided.events:
             self.kube.event(body, event.type, event.reason, event.message, self.identity)
+        try:
+            self._apply(body, decided, desired, live_job, names)
+        except KubeError as error:
+            if error.status not in (400, 422):
+                raise
+            self._report_rejected(body, error)
+
+    def _report_rejected(self, body: Obj, error: KubeError) -> None:
+        """A child the API server refuses (a passed-through field only it checks, such as a
+        priorityClassName that is not a DNS name) is the spec's fault: say so in the Created
+        condition and an Event, instead of retrying silently."""
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        generation = int(metadata.get("generation") or 0)
+        old = list((body.get("status") or {}).get("conditions") or [])
+        message = (
+            f"The API server rejected an object this spec needs: {error}. Fix the spec field it "
+            "names (kubectl edit ftj); nothing else was changed."
+        )
+        new = condition(
+            ConditionType.CREATED,
+            False,
+            Reason.OBJECT_REJECTED,
+            message,
+            generation,
+            datetime.now(timezone.utc),
+        )
+        current = get_condition(old, ConditionType.CREATED)
+        if current is not None and all(
+            current.get(k) == new[k] for k in ("status", "reason", "message")
+        ):
+            return
+        self.kube.patch_status(namespace, name, {"conditions": set_condition(old, new)})
+        self.kube.event(body, "Warning", Reason.OBJECT_REJECTED.value, message, self.identity)
+        log.warning("%s/%s %s", namespace, name, message)
+
+    def _apply(
+        self, body: Obj, decided: Plan, desired: list[Obj], live_job: Obj | None, names: Names
+    ) -> None:
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
         if decided.apply_objects:
             for obj in desired[:-1]:
                 if self.kube.apply(obj):

@@ -46,6 +46,7 @@ class Reason(str, Enum):
     # Created
     OBJECTS_CREATED = "ObjectsCreated"
     NOT_CREATED = "NotCreated"
+    OBJECT_REJECTED = "ObjectRejected"
     CLEANED_UP = "CleanedUp"
     # Running
     ALL_WORKERS_RUNNING = "AllWorkersRunning"

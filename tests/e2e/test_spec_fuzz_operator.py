@@ -175,6 +175,30 @@ def test_operator_reports_objects_the_api_server_rejects(
     wait_for(reported, timeout=15, description="a condition carrying the API server's message")
 
 
+def test_operator_reports_a_child_the_api_server_rejects(
+    ftj: Ftj, operator: OperatorProcess
+) -> None:
+    """A passed-through field only the API server checks (a priorityClassName that is not a
+    DNS name): Created=False with its message and a Warning Event, once, not a silent loop;
+    fixing the spec (a new generation) creates the worker Job."""
+    spec = {**BASE, "priorityClassName": "Not_A_Name"}
+    assert create(ftj, "rejected-pc", spec) is not None
+
+    def rejected() -> dict[str, Any] | None:
+        found = condition(ftj.get("rejected-pc"), "Created")
+        return found if found.get("reason") == "ObjectRejected" else None
+
+    found = wait_for(rejected, timeout=30, description="Created=False ObjectRejected")
+    assert found["status"] == "False" and "Not_A_Name" in found["message"]
+    version = ftj.get("rejected-pc")["metadata"]["resourceVersion"]
+    time.sleep(8)  # several reconcile triggers later, nothing was rewritten
+    assert ftj.get("rejected-pc")["metadata"]["resourceVersion"] == version
+    assert ftj.event_reasons("rejected-pc").count("ObjectRejected") == 1
+
+    ftj.patch_spec("rejected-pc", {"priorityClassName": None})
+    wait_for(lambda: ftj.jobs("rejected-pc"), timeout=30, description="the worker Job")
+
+
 def test_resources_that_are_not_maps_are_rejected_at_apply(ftj: Ftj) -> None:
     assert create(ftj, "bad-resources", {**BASE, "resources": {"limits": 1}}) is None
 
