@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from finetune_operator.api import DEFAULT_TARGET_MODULES
 from finetune_trainer import perf
 
 TOL = 1e-4
@@ -122,15 +123,7 @@ def test_packed_equals_padded_with_lora_and_peft() -> None:
         r=8,
         lora_alpha=16,
         lora_dropout=0.0,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=list(DEFAULT_TARGET_MODULES),
         task_type="CAUSAL_LM",
         init_lora_weights="gaussian",  # B != 0: A and B both get grads
     )
