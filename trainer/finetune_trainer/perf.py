@@ -330,6 +330,7 @@ def auto_micro_batch(
     world_size: int,
     memory_budget: int,
     start: int = 2,
+    device_type: str = "cuda",
 ) -> tuple[int, dict[int, int]]:
     """The largest candidate micro-batch whose worst-case step fits memory_budget bytes.
 
@@ -339,16 +340,18 @@ def auto_micro_batch(
     size is run once to confirm; an out-of-memory there steps down. Returns the size and the
     measured peaks. Every rank must call it with the same arguments (same device kind) so
     all ranks pick the same size; the caller may all-reduce(min) the result to be sure.
+    `device_type` "cuda" or "xpu": torch.cuda and torch.xpu have the same memory API.
     """
     sizes = candidate_micro_batches(global_batch, world_size)
     measured: dict[int, int] = {}
+    accel: Any = getattr(torch, device_type)
 
     def peak(m: int) -> int:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        accel.empty_cache()
+        accel.reset_peak_memory_stats()
         train_step(m)
-        torch.cuda.synchronize()
-        measured[m] = torch.cuda.max_memory_allocated()
+        accel.synchronize()
+        measured[m] = int(accel.max_memory_allocated())
         return measured[m]
 
     small = max([s for s in sizes if s <= start] or [sizes[0]])
@@ -367,7 +370,7 @@ def auto_micro_batch(
                 break
         except torch.OutOfMemoryError:
             log.warning("auto micro-batch: %d ran out of memory, stepping down", choice)
-        torch.cuda.empty_cache()
+        accel.empty_cache()
         choice = max(s for s in sizes if s < choice)
     return choice, measured
 
