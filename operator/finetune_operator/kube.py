@@ -1,7 +1,9 @@
 """The operator's only door to the API server: plain dicts in and out.
 
 Writes are server-side apply with one field manager (`finetune-operator`), and only when the
-live object differs from the desired one (`is_subset`): a steady job costs reads only.
+live object differs from the desired one (`is_subset`; the reconciler passes the live object
+from its cache, so a steady job costs no request at all). Writes answer the object as
+written, which the reconciler feeds back into its cache (read-your-writes).
 Status is a JSON merge patch of the fields that changed.
 """
 
@@ -12,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -24,6 +26,7 @@ from finetune_operator.settings import FIELD_MANAGER
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+Items = list[Obj]  # (a name: inside Kube, `list` is the method)
 
 # apiVersion/kind -> (API path prefix, plural) for what the operator manages.
 _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
@@ -166,37 +169,66 @@ class Kube:
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str | None = None
     ) -> list[Obj]:
+        items: list[Obj] = []
+        for page, _ in self.list_pages(api_version, kind, namespace, selector):
+            items += page
+        return items
+
+    def list_pages(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        selector: str | None = None,
+        limit: int = 500,
+    ) -> Iterator[tuple[Items, str]]:
+        """LIST in pages of `limit` (one consistent snapshot): yields (items, the list's
+        resourceVersion). Items carry no apiVersion/kind (the API server leaves them out)."""
         if namespace is None:
             prefix, plural = _RESOURCES[(api_version, kind)]
             path = f"{prefix}/{plural}"
         else:
             path = path_for(api_version, kind, namespace)
-        query = [("labelSelector", selector)] if selector else []
-        result = self.request("GET", path, query=query) or {}
-        items: list[Obj] = result.get("items") or []
-        return items
+        token = ""
+        while True:
+            query = [("limit", str(limit))]
+            if selector:
+                query.append(("labelSelector", selector))
+            if token:
+                query.append(("continue", token))
+            result = self.request("GET", path, query=query) or {}
+            metadata = result.get("metadata") or {}
+            items: Items = result.get("items") or []
+            del result
+            yield items, str(metadata.get("resourceVersion") or "")
+            token = metadata.get("continue") or ""
+            if not token:
+                return
 
     # -- writes ----------------------------------------------------------------------------
-    def apply(self, desired: Obj, live: Obj | None = None, *, check_live: bool = True) -> bool:
-        """Server-side apply `desired` unless the live object already matches it. True: written."""
+    def apply(
+        self, desired: Obj, live: Obj | None = None, *, check_live: bool = True
+    ) -> Obj | None:
+        """Server-side apply `desired` unless the live object already matches it. Returns the
+        API server's answer (the object as written), None when nothing was written.
+        `check_live=False`: `live` is all there is to compare with (None: absent), no GET."""
         metadata = desired["metadata"]
         if check_live and live is None:
             live = self.get(
                 desired["apiVersion"], desired["kind"], metadata["namespace"], metadata["name"]
             )
         if live is not None and is_subset(desired, live):
-            return False
+            return None
         path = path_for(
             desired["apiVersion"], desired["kind"], metadata["namespace"], metadata["name"]
         )
-        self.request(
+        return self.request(
             "PATCH",
             path,
             body=desired,
             query=[("fieldManager", self.field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
-        return True
 
     def create(self, obj: Obj) -> Obj | None:
         metadata = obj["metadata"]
@@ -225,8 +257,10 @@ class Kube:
         *,
         uid: str | None = None,
         propagation: str = "Background",
-    ) -> bool:
-        """Delete (only the object with `uid`, when given). True: a delete was issued."""
+    ) -> Obj | None:
+        """Delete (only the object with `uid`, when given). Returns the API server's answer
+        (the object, marked for deletion, or a Status when it is gone already); None when
+        there was nothing to delete."""
         body: Obj = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
         if uid:
             body["preconditions"] = {"uid": uid}
@@ -239,9 +273,9 @@ class Kube:
             )
         except KubeError as error:
             if error.status == 409:  # precondition: a newer object by that name
-                return False
+                return None
             raise
-        return result is not None
+        return result
 
     def patch_status(self, namespace: str, name: str, patch: Obj) -> Obj | None:
         return self.request(

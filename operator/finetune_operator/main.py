@@ -1,15 +1,25 @@
-"""`finetune-operator run`: the kopf operator. Thin: handlers parse nothing and decide nothing,
-they hand the FinetuneJob to `reconcile.Reconciler`.
+"""`finetune-operator run`: the kopf operator. Thin: kopf is the watch layer, nothing more.
 
-Level-based: every FinetuneJob event, and every event of a worker Job or pod (labelled
-`finetune.dev/job-name`, mapped back to its FinetuneJob), triggers a reconcile of that one
-FinetuneJob; a resync thread reconciles every FinetuneJob every `--resync-seconds` and when a
-reconcile asked to be looked at again (TTL due, restart in progress). Reconciles of one job are
-serialized and coalesced. No kopf timers or daemons: they would put a finalizer on every
-FinetuneJob, and deleting one would then hang while the operator is down.
+- Watches: FinetuneJobs, and the objects labelled `finetune.dev/job-name` (worker Jobs, pods,
+  and the children: ServiceAccount, Role, RoleBinding, ConfigMap, Service), with that label as
+  a server-side selector. A handler only puts the event into the cache (`cache.Store`) and,
+  when that changed anything, adds the FinetuneJob's key to the work queue (`workqueue`):
+  handlers are cheap, so kopf's per-object queues never back up.
+- `--worker-limit` threads take keys off the queue and run `reconcile.Reconciler`, which reads
+  the cache and only writes (level-based: observe, decide, act). A key is reconciled by one
+  worker at a time; events while it waits or runs collapse into one more pass.
+- Before the first reconcile the cache is filled by one LIST per kind and namespace (a
+  half-filled cache would show a running group's pods as gone). Every job is then reconciled
+  once (a pending TTL is rescheduled after a restart).
+- A resync thread re-queues every job not in a final phase every `--resync-seconds` (from the
+  cache: no request), the jobs whose requeue-after is due (the queue's own timer), and
+  re-LISTs into the cache after kopf re-listed a kind (a watch that reconnected may have
+  missed deletions) and every `--relist-seconds` as a safety net.
 
-kopf keeps its own bookkeeping (if any) in `finetune.dev/*` annotations, never in status;
-handlers return nothing. Several replicas: a Lease (`leader.py`) lets exactly one run kopf.
+No kopf timers or daemons: they would put a finalizer on every FinetuneJob, and deleting one
+would then hang while the operator is down. kopf keeps its own bookkeeping (if any) in
+`finetune.dev/*` annotations, never in status; handlers return nothing. Several replicas: a
+Lease (`leader.py`) lets exactly one run kopf.
 """
 
 from __future__ import annotations
@@ -26,14 +36,18 @@ from typing import Any
 import kopf
 
 from finetune_operator import metrics
-from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from finetune_operator.api import API_VERSION, GROUP, KIND, Phase
+from finetune_operator.cache import WATCHED, Store, fill, job_key
 from finetune_operator.kube import Kube
 from finetune_operator.leader import LeaderElector, default_identity
 from finetune_operator.objects import JOB_NAME_LABEL
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
+from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger("finetune_operator")
+
+FINAL_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 
 
 @dataclass
@@ -43,6 +57,7 @@ class RunConfig:
     worker_limit: int = 8
     qps: float = 20.0
     resync_seconds: float = 30.0
+    relist_seconds: float = 600.0
     metrics_port: int = 8080
     log_format: str = "text"
     log_level: str = "INFO"
@@ -98,7 +113,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         "--worker-limit",
         type=int,
         default=int(env("FTO_WORKER_LIMIT", "8")),
-        help="objects handled at once (kopf batching worker limit and thread pool)",
+        help="reconcile worker threads: FinetuneJobs reconciled at once (env FTO_WORKER_LIMIT)",
     )
     parser.add_argument(
         "--qps",
@@ -110,7 +125,15 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         "--resync-seconds",
         type=float,
         default=float(env("FTO_RESYNC_SECONDS", "30")),
-        help="reconcile every FinetuneJob at least this often",
+        help="reconcile every FinetuneJob not yet finished at least this often, from the "
+        "cache (env FTO_RESYNC_SECONDS)",
+    )
+    parser.add_argument(
+        "--relist-seconds",
+        type=float,
+        default=float(env("FTO_RELIST_SECONDS", "600")),
+        help="re-LIST every watched kind into the cache this often, a safety net against "
+        "missed watch events; 0: never (env FTO_RELIST_SECONDS)",
     )
     parser.add_argument(
         "--leader-elect",
@@ -154,6 +177,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         worker_limit=max(1, args.worker_limit),
         qps=args.qps,
         resync_seconds=args.resync_seconds,
+        relist_seconds=args.relist_seconds,
         metrics_port=args.metrics_port,
         log_format=args.log_format,
         log_level=args.log_level.upper(),
@@ -165,18 +189,25 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
     )
 
 
-# -- the running operator's state: set once by run(), read by the handlers ----------------------
+# -- the running operator's state: set once by run(), used by the handlers and threads --------
+
+JobKey = tuple[str, str]
+
+# After kopf re-lists a kind (start-up, or a watch that had to reconnect), re-LIST into the
+# cache this many seconds after the last listed object, so that deletions are not missed.
+RELIST_AFTER_KOPF_LIST = 5.0
 
 
 @dataclass
 class _State:
     config: RunConfig
     kube: Kube
+    store: Store
+    queue: WorkQueue[JobKey]
     reconciler: Reconciler
-    due: dict[tuple[str, str], float] = field(default_factory=dict)
-    dirty: set[tuple[str, str]] = field(default_factory=set)
-    guard: threading.Lock = field(default_factory=threading.Lock)
+    ready: threading.Event = field(default_factory=threading.Event)  # the cache is filled
     stop: threading.Event = field(default_factory=threading.Event)
+    kopf_listed_at: float | None = None  # monotonic time of kopf's last re-listed object
 
 
 STATE: _State | None = None
@@ -188,70 +219,110 @@ def _state() -> _State:
     return STATE
 
 
-def trigger(namespace: str, name: str) -> None:
-    """Reconcile one FinetuneJob now; concurrent triggers for it collapse into one rerun."""
+def _namespaces(config: RunConfig) -> list[str | None]:
+    return [None] if config.clusterwide else list(config.settings.namespaces)
+
+
+def observed(event_type: str | None, body: Mapping[str, Any]) -> None:
+    """One watch event: into the cache; the FinetuneJob it belongs to into the queue when the
+    cache changed (a re-listed object that is already known changes nothing)."""
     state = _state()
-    key = (namespace, name)
-    with state.guard:
-        state.dirty.add(key)
-    lock = state.reconciler.lock(namespace, name)
+    if state.store.observe(event_type, body):
+        key = job_key(body)
+        if key is not None:
+            state.queue.add(key)
+    if event_type is None and state.ready.is_set():
+        state.kopf_listed_at = time.monotonic()
+
+
+def fill_cache(state: _State) -> None:
+    """LIST everything into the cache; queue the jobs whose objects changed."""
+    for key in fill(state.store, state.kube, _namespaces(state.config)):
+        state.queue.add(key)
+
+
+def _work(state: _State) -> None:
+    """A reconcile worker: one key at a time, off the queue."""
     while True:
-        if not lock.acquire(blocking=False):
-            return  # the holder reruns: the key is dirty
+        key = state.queue.get()
+        if key is None:
+            return
         try:
-            with state.guard:
-                if key not in state.dirty:
-                    return
-                state.dirty.discard(key)
-            _reconcile_locked(state, namespace, name)
+            again = state.reconciler.reconcile_named(*key)
+        except Exception:
+            log.exception("reconcile of %s/%s failed; retrying in 5s", *key)
+            again = 5.0
         finally:
-            lock.release()
-        with state.guard:
-            if key not in state.dirty:
-                return
+            state.queue.done(key)
+        if again is not None:
+            state.queue.add_after(key, again)
 
 
-def _reconcile_locked(state: _State, namespace: str, name: str) -> None:
-    key = (namespace, name)
-    try:
-        again = state.reconciler.reconcile_named(namespace, name, locked=True)
-    except Exception:
-        log.exception("reconcile of %s/%s failed; retrying in 5s", namespace, name)
-        again = 5.0
-    with state.guard:
-        if again is None:
-            state.due.pop(key, None)
-        else:
-            state.due[key] = time.monotonic() + again
-
-
-def _watched_jobs(state: _State) -> list[dict[str, Any]]:
-    if state.config.clusterwide:
-        return state.kube.list(API_VERSION, KIND, None)
-    bodies: list[dict[str, Any]] = []
-    for namespace in state.config.settings.namespaces:
-        bodies += state.kube.list(API_VERSION, KIND, namespace)
-    return bodies
+def _unfinished(state: _State) -> list[JobKey]:
+    keys = []
+    for body in state.store.objects(API_VERSION, KIND):
+        if (body.get("status") or {}).get("phase") not in FINAL_PHASES:
+            metadata = body["metadata"]
+            keys.append((metadata["namespace"], metadata["name"]))
+    return keys
 
 
 def _resync_loop(state: _State) -> None:
-    """Level-based safety net: everything every resync period, and what asked for a requeue."""
-    next_full = 0.0
+    """Level-based safety nets: unfinished jobs every resync period, from the cache; the cache
+    re-LISTed after kopf re-listed, and every relist period."""
+    config = state.config
+    next_resync = time.monotonic() + config.resync_seconds
+    next_relist = time.monotonic() + config.relist_seconds if config.relist_seconds > 0 else None
     while not state.stop.wait(1.0):
         now = time.monotonic()
-        keys: set[tuple[str, str]] = set()
-        if now >= next_full:
+        listed = state.kopf_listed_at
+        due = listed is not None and now - listed >= RELIST_AFTER_KOPF_LIST
+        if due or (next_relist is not None and now >= next_relist):
+            state.kopf_listed_at = None
             try:
-                bodies = _watched_jobs(state)
-                metrics.record_phases(bodies)
-                keys |= {(b["metadata"]["namespace"], b["metadata"]["name"]) for b in bodies}
+                fill_cache(state)
+                log.debug("re-listed into the cache: %d objects", len(state.store))
             except Exception as error:
-                log.warning("resync list failed: %s", error)
-            next_full = now + state.config.resync_seconds
-        with state.guard:
-            keys |= {key for key, due in state.due.items() if due <= now}
-        for namespace, name in sorted(keys):
-            trigger(namespace, name)
+                log.warning("re-list failed: %s", error)
+            if next_relist is not None:
+                next_relist = now + config.relist_seconds
+        if now >= next_resync:
+            for key in _unfinished(state):
+                state.queue.add(key)
+            metrics.record_phases(state.store.objects(API_VERSION, KIND))
+            metrics.QUEUE_DEPTH.set(len(state.queue))
+            next_resync = now + config.resync_seconds
+
+
+def start(state: _State) -> list[threading.Thread]:
+    """Fill the cache (retrying until the API answers), queue every job once, then start the
+    workers and the resync thread."""
+    delay = 1.0
+    while True:
+        try:
+            fill_cache(state)
+            break
+        except Exception as error:
+            log.warning("filling the cache failed, retrying in %.0fs: %s", delay, error)
+            if state.stop.wait(delay):
+                return []
+            delay = min(delay * 2, 30.0)
+    for body in state.store.objects(API_VERSION, KIND):
+        state.queue.add((body["metadata"]["namespace"], body["metadata"]["name"]))
+    state.ready.set()
+    log.info(
+        "cache filled: %d objects, %d FinetuneJobs",
+        len(state.store),
+        len(state.store.objects(API_VERSION, KIND)),
+    )
+    threads = [
+        threading.Thread(target=_work, args=(state,), name=f"reconcile-{i}", daemon=True)
+        for i in range(state.config.worker_limit)
+    ]
+    threads.append(threading.Thread(target=_resync_loop, args=(state,), name="resync", daemon=True))
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 # -- kopf handlers ----------------------------------------------------------------------------
@@ -259,7 +330,6 @@ def _resync_loop(state: _State) -> None:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    config = _state().config
     # kopf's own bookkeeping goes to annotations (never status); with only event handlers it
     # writes none, but this keeps it out of status if a handler kind that needs it is added.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -272,29 +342,30 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # and the CRD is installed before the operator, so the RBAC stays namespaced.
     settings.scanning.disabled = True
     settings.posting.enabled = False  # users see our Events, not kopf's log lines
-    settings.batching.worker_limit = config.worker_limit
-    settings.execution.max_workers = config.worker_limit
+    # The children are watched through the label, server-side: kopf never sees (nor keeps
+    # memory for) anyone else's pods or ConfigMaps.
+    for watched in WATCHED:
+        if watched.selector:
+            settings.watching.label_selectors[watched.group, watched.version, watched.plural] = (
+                watched.selector
+            )
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
-def finetunejob_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
-    if type == "DELETED" or namespace is None:
-        return  # owner references take the children with it
-    trigger(namespace, name)
+async def watch_event(event: Mapping[str, Any], **_: Any) -> None:
+    """Every watched kind: into the cache, the job into the queue. Never blocks."""
+    observed(event.get("type"), event["object"])
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={JOB_NAME_LABEL: kopf.PRESENT})
-def worker_job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    if namespace is not None:
-        trigger(namespace, labels[JOB_NAME_LABEL])
-
-
-@kopf.on.event("", "v1", "pods", labels={JOB_NAME_LABEL: kopf.PRESENT})
-def worker_pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    if namespace is not None:
-        trigger(namespace, labels[JOB_NAME_LABEL])
+for _watched in WATCHED:
+    kopf.on.event(
+        _watched.group,
+        _watched.version,
+        _watched.plural,
+        id=f"watch-{_watched.plural}",
+        labels={JOB_NAME_LABEL: kopf.PRESENT} if _watched.labelled else None,
+    )(watch_event)
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -315,12 +386,16 @@ def run(argv: Sequence[str]) -> int:
     config = parse_args(argv)
     _configure_logging(config)
     kube = Kube.from_environment(qps=config.qps)
+    store = Store()
     STATE = _State(
         config=config,
         kube=kube,
+        store=store,
+        queue=WorkQueue(),
         reconciler=Reconciler(
             kube=kube,
             settings=config.settings,
+            store=store,
             identity=config.identity,
             replace_grace_seconds=config.replace_grace_seconds,
         ),
@@ -341,8 +416,7 @@ def run(argv: Sequence[str]) -> int:
         config.identity,
         "all namespaces" if config.clusterwide else ", ".join(config.settings.namespaces),
     )
-    resync = threading.Thread(target=_resync_loop, args=(STATE,), name="resync", daemon=True)
-    resync.start()
+    start(STATE)
     try:
         kopf.run(
             standalone=True,
@@ -351,6 +425,7 @@ def run(argv: Sequence[str]) -> int:
         )
     finally:
         STATE.stop.set()
+        STATE.queue.shutdown()
         if elector is not None:
             elector.release()
     return 0

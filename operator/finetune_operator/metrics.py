@@ -1,6 +1,7 @@
 """Prometheus metrics of the operator (served by `finetune-operator run --metrics-port`).
 
-- `finetune_jobs{phase}`: FinetuneJobs per phase, counted at every resync;
+- `finetune_jobs{phase}`: FinetuneJobs per phase, counted from the cache at every resync;
+- `finetune_workqueue_depth`: FinetuneJobs waiting for a reconcile worker, at every resync;
 - `finetune_reconcile_seconds`: how long one reconcile of one FinetuneJob takes;
 - `finetune_reconcile_errors_total`: reconciles that raised (they are retried).
 """
@@ -17,6 +18,7 @@ from prometheus_client import Gauge, Histogram, start_http_server
 from finetune_operator.api import Phase
 
 JOBS = Gauge("finetune_jobs", "FinetuneJobs by phase.", ["phase"])
+QUEUE_DEPTH = Gauge("finetune_workqueue_depth", "FinetuneJobs waiting for a reconcile worker.")
 RECONCILE_SECONDS = Histogram(
     "finetune_reconcile_seconds",
     "Duration of one reconcile of one FinetuneJob.",

@@ -6,15 +6,19 @@ in the operator's own namespace). The chart ships both files under files/ and re
 .Files.Get; tests/unit/test_reconcile_rbac.py fails when they drift from this module.
 
 Why each verb:
-- finetunejobs get/list/watch: kopf's watch, the resync list, the read before each reconcile;
+- finetunejobs get/list/watch: kopf's watch and the cache's list (read only: the spec is
+  the user's);
 - finetunejobs/status patch: status; get: the trainer's Role grants get+patch on its own job's
   status, and RBAC lets the operator grant only what it holds itself;
 - jobs get/list/watch/create/patch/delete: the worker Job (watched for status, server-side
   applied, deleted to restart the group and after the TTL);
 - pods list/watch: gang status and the failing pod's reason;
-- services get/create/patch/delete, configmaps and serviceaccounts get/create/patch,
-  roles and rolebindings get/create/patch: the job's objects, applied only when they drift
-  (server-side apply creates: create + patch); services are deleted after the TTL;
+- services get/list/watch/create/patch/delete, configmaps and serviceaccounts
+  get/list/watch/create/patch, roles and rolebindings get/list/watch/create/patch: the job's
+  objects, watched (labelled `finetune.dev/job-name`) into the cache so that drift triggers a
+  reconcile, applied only when they differ from the cached copy (server-side apply creates:
+  create + patch; get is what apply needs when nothing is cached); services are deleted
+  after the TTL;
 - events create: an Event for every transition a person should see;
 - leases get/create/update: leader election (optimistic PUT on the resourceVersion read).
 """
@@ -38,16 +42,20 @@ RULES: list[Rule] = [
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "patch", "delete"]},
+    {
+        "apiGroups": [""],
+        "resources": ["services"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
     {
         "apiGroups": [""],
         "resources": ["configmaps", "serviceaccounts"],
-        "verbs": ["get", "create", "patch"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {
         "apiGroups": ["rbac.authorization.k8s.io"],
         "resources": ["roles", "rolebindings"],
-        "verbs": ["get", "create", "patch"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

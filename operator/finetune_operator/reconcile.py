@@ -15,7 +15,8 @@
 - otherwise: every object applied (created, drift repaired; suspend follows the spec) and the
   phase is Running only when every worker runs.
 
-The `Reconciler` reads the objects, calls `plan`, and carries the plan out through `Kube`.
+The `Reconciler` reads the objects from the watch cache (`cache.Store`), calls `plan`, and
+carries the plan out through `Kube`, feeding every write's answer back into the cache.
 Every name is deterministic and every write is an idempotent apply or a uid-preconditioned
 delete, so the operator may be killed at any point and simply run again.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,8 +34,9 @@ from typing import Any
 
 from finetune_operator import metrics
 from finetune_operator.api import API_VERSION, KIND, ConditionType, FinetuneJobSpec, Phase
+from finetune_operator.cache import Store
 from finetune_operator.kube import Kube, KubeError
-from finetune_operator.objects import JobRef, Names, build_desired_objects, selector_labels
+from finetune_operator.objects import JobRef, Names, build_desired_objects
 from finetune_operator.resolve import ResolvedConfig, SpecError, parse_spec, resolve
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import (
@@ -452,29 +453,23 @@ def _now() -> datetime:
 
 @dataclass
 class Reconciler:
+    """Reads from `store` (the watch cache, filled by `cache.fill` before the first reconcile
+    and kept current by the watches) and writes through `kube`: no GET, no LIST. Every write's
+    answer goes back into the store, so the next pass sees its own writes even before their
+    watch events arrive. Callers run at most one reconcile of a job at a time (the work queue
+    guarantees it)."""
+
     kube: Kube
     settings: OperatorSettings
+    store: Store
     identity: str = "finetune-operator"
     replace_grace_seconds: float = 120.0
-    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
 
-    def lock(self, namespace: str, name: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
-
-    def reconcile_named(self, namespace: str, name: str, *, locked: bool = False) -> float | None:
+    def reconcile_named(self, namespace: str, name: str) -> float | None:
         """Bring one FinetuneJob's objects and status in line. Returns seconds to look again
-        (None: only when something changes). `locked`: the caller holds `lock(...)`."""
-        if locked:
-            return self._reconcile_fresh(namespace, name)
-        with self.lock(namespace, name):
-            return self._reconcile_fresh(namespace, name)
-
-    def _reconcile_fresh(self, namespace: str, name: str) -> float | None:
+        (None: only when something changes)."""
         started = time.monotonic()
-        # Read now, under the lock: an event's body may be older than our own last writes.
-        body = self.kube.get(API_VERSION, KIND, namespace, name)
+        body = self.store.get(API_VERSION, KIND, namespace, name)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return None
         try:
@@ -484,6 +479,31 @@ class Reconciler:
             raise
         finally:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+    def _seen(self, answer: Obj | None) -> None:
+        """Read-your-writes: the object as the API server answered a write."""
+        if answer and answer.get("kind") not in (None, "Status") and answer.get("metadata"):
+            self.store.observe("MODIFIED", answer)
+
+    def _deleted(
+        self, api_version: str, kind: str, namespace: str, name: str, answer: Obj | None
+    ) -> None:
+        """A DELETE's answer: the object marked for deletion (kept until its watch event says
+        it is gone), or gone already."""
+        if (
+            answer
+            and answer.get("kind") == kind
+            and (answer.get("metadata") or {}).get("deletionTimestamp")
+        ):
+            self._seen(answer)
+        elif answer is not None:
+            self.store.forget(
+                {
+                    "apiVersion": api_version,
+                    "kind": kind,
+                    "metadata": {"namespace": namespace, "name": name},
+                }
+            )
 
     def _reconcile(self, body: Obj) -> float | None:
         metadata = body["metadata"]
@@ -512,19 +532,18 @@ class Reconciler:
                 desired_job
             )
 
-        live_job = self.kube.get("batch/v1", "Job", namespace, names.workers)
+        live_job = self.store.get("batch/v1", "Job", namespace, names.workers)
         if live_job is not None and not _owned_by(live_job, ref.uid):
             live_job = None  # someone else's Job by that name: never touch it
         job = job_view(live_job) if live_job else None
         pods: tuple[WorkerPod, ...] = ()
         if job is not None:
-            selector = ",".join(f"{k}={v}" for k, v in selector_labels(ref).items())
             pods = tuple(
                 pod_view(p)
-                for p in self.kube.list("v1", "Pod", namespace, selector)
+                for p in sorted(self.store.pods_of(namespace, name), key=_name)
                 if _owned_by(p, job.uid)
             )
-        service = self.kube.get("v1", "Service", namespace, names.service)
+        service = self.store.get("v1", "Service", namespace, names.service)
 
         current_status: Obj = dict(body.get("status") or {})
         decided = plan(
@@ -562,7 +581,7 @@ class Reconciler:
         # so a kill between the two neither loses nor double-counts it.
         patch = status_patch(body.get("status") or {}, decided.status)
         if patch:
-            self.kube.patch_status(namespace, name, patch)
+            self._seen(self.kube.patch_status(namespace, name, patch))
             log.info("%s/%s status: %s", namespace, name, sorted(patch))
         for event in decided.events:
             self.kube.event(body, event.type, event.reason, event.message, self.identity)
@@ -598,7 +617,7 @@ class Reconciler:
             current.get(k) == new[k] for k in ("status", "reason", "message")
         ):
             return
-        self.kube.patch_status(namespace, name, {"conditions": set_condition(old, new)})
+        self._seen(self.kube.patch_status(namespace, name, {"conditions": set_condition(old, new)}))
         self.kube.event(body, "Warning", Reason.OBJECT_REJECTED.value, message, self.identity)
         log.warning("%s/%s %s", namespace, name, message)
 
@@ -609,14 +628,19 @@ class Reconciler:
         namespace, name = metadata["namespace"], metadata["name"]
         if decided.apply_objects:
             for obj in desired[:-1]:
-                if self.kube.apply(obj):
+                live = self.store.get(
+                    obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"]
+                )
+                answer = self.kube.apply(obj, live, check_live=False)
+                if answer is not None:
+                    self._seen(answer)
                     log.info(
                         "%s/%s applied %s %s", namespace, name, obj["kind"], obj["metadata"]["name"]
                     )
         if decided.delete_job:
             # Foreground: the Job goes only after its pods, so the next group never meets
             # the old one at the rendezvous.
-            self.kube.delete(
+            answer = self.kube.delete(
                 "batch/v1",
                 "Job",
                 namespace,
@@ -624,13 +648,14 @@ class Reconciler:
                 uid=decided.delete_job,
                 propagation="Foreground",
             )
+            self._deleted("batch/v1", "Job", namespace, names.workers, answer)
             log.info(
                 "%s/%s replacing the worker group (Job uid %s)", namespace, name, decided.delete_job
             )
         elif decided.orphan_job:
             # Same DELETE, orphan propagation: the Job goes now, its stuck pods stay behind
             # (owned by nothing, not counted: the pods the operator reads are the new Job's).
-            self.kube.delete(
+            answer = self.kube.delete(
                 "batch/v1",
                 "Job",
                 namespace,
@@ -638,6 +663,7 @@ class Reconciler:
                 uid=decided.orphan_job,
                 propagation="Orphan",
             )
+            self._deleted("batch/v1", "Job", namespace, names.workers, answer)
             log.warning(
                 "%s/%s the old worker group did not go within %ss: its Job is let go, its pods "
                 "orphaned",
@@ -649,17 +675,28 @@ class Reconciler:
             job = desired[-1]
             if live_job is None:
                 try:
-                    self.kube.create(job)
+                    self._seen(self.kube.create(job))
                     log.info("%s/%s created Job %s", namespace, name, names.workers)
                 except KubeError as error:
                     if error.status != 409:
                         raise
-            elif self.kube.apply(job, live_job):
-                log.info("%s/%s applied Job %s", namespace, name, names.workers)
+            else:
+                answer = self.kube.apply(job, live_job, check_live=False)
+                if answer is not None:
+                    self._seen(answer)
+                    log.info("%s/%s applied Job %s", namespace, name, names.workers)
         if decided.cleanup:
-            self.kube.delete("batch/v1", "Job", namespace, names.workers, propagation="Background")
-            self.kube.delete("v1", "Service", namespace, names.service)
+            answer = self.kube.delete(
+                "batch/v1", "Job", namespace, names.workers, propagation="Background"
+            )
+            self._deleted("batch/v1", "Job", namespace, names.workers, answer)
+            answer = self.kube.delete("v1", "Service", namespace, names.service)
+            self._deleted("v1", "Service", namespace, names.service, answer)
             log.info("%s/%s TTL passed: deleted the worker Job and Service", namespace, name)
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name", ""))
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:

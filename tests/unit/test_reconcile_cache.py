@@ -1,0 +1,214 @@
+"""The Reconciler on the watch cache, without kopf and without a cluster: an in-memory API
+server behind `Kube.request` counts every request. A reconcile sends no GET (it reads the
+store, filled by one LIST per kind), writes what is missing, and, because every write's answer
+goes back into the store, a second pass sends nothing at all."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+
+from finetune_operator.api import API_VERSION, KIND
+from finetune_operator.cache import Store, fill
+from finetune_operator.kube import _RESOURCES, Kube, KubeError
+from finetune_operator.reconcile import Reconciler
+from finetune_operator.settings import OperatorSettings
+
+Obj = dict[str, Any]
+PLURALS = {plural: (api_version, kind) for (api_version, kind), (_, plural) in _RESOURCES.items()}
+
+
+@dataclass
+class FakeApiKube(Kube):
+    """`Kube` whose requests an in-memory API server answers (just enough of one)."""
+
+    api: Any = None
+    objects: dict[tuple[str, str, str], Obj] = field(default_factory=dict)  # plural, ns, name
+    requests: Counter[str] = field(default_factory=Counter)
+    rv: Any = field(default_factory=lambda: itertools.count(100))
+
+    def add(self, obj: Obj) -> Obj:
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        plural = _RESOURCES[(api_version, kind)][1]
+        obj = copy.deepcopy(obj)
+        metadata = obj["metadata"]
+        metadata.setdefault("uid", f"uid-{kind}-{metadata['name']}")
+        metadata["resourceVersion"] = str(next(self.rv))
+        self.objects[(plural, metadata["namespace"], metadata["name"])] = obj
+        return copy.deepcopy(obj)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str | None = None,
+        allow_missing: bool = False,
+    ) -> Obj | None:
+        parts = [unquote(p) for p in path.split("/") if p]
+        namespace = parts[parts.index("namespaces") + 1]
+        rest = parts[parts.index("namespaces") + 2 :]
+        plural, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), rest[2:]
+        self.requests[f"{method} {plural}{'/' + sub[0] if sub else ''}"] += 1
+        key = (plural, namespace, name or "")
+        if method == "GET" and name is None:
+            params = dict(query or [])
+            selector = params.get("labelSelector")
+            items = [
+                {k: v for k, v in copy.deepcopy(o).items() if k not in ("apiVersion", "kind")}
+                for (p, ns, _), o in sorted(self.objects.items())
+                if p == plural
+                and ns == namespace
+                and (not selector or selector in (o["metadata"].get("labels") or {}))
+            ]
+            return {"metadata": {"resourceVersion": str(next(self.rv))}, "items": items}
+        if method == "GET":
+            found = self.objects.get(key)
+            if found is None and allow_missing:
+                return None
+            return copy.deepcopy(found)
+        if method == "POST":
+            if plural == "events":
+                return body  # type: ignore[no-any-return]
+            if (plural, namespace, body["metadata"]["name"]) in self.objects:
+                raise KubeError(409, "already exists")
+            return self.add(json.loads(json.dumps(body)))
+        if method == "PATCH" and sub == ["status"]:
+            found = self.objects.get(key)
+            if found is None:
+                return None
+            status = found.setdefault("status", {})
+            for k, v in body["status"].items():
+                if v is None:
+                    status.pop(k, None)
+                else:
+                    status[k] = v
+            return self.add(found)
+        if method == "PATCH":  # server-side apply: good enough, the applied object wins
+            assert content_type == "application/apply-patch+yaml"
+            previous = self.objects.get(key)
+            applied = json.loads(json.dumps(body))
+            if previous is not None:
+                applied["metadata"]["uid"] = previous["metadata"]["uid"]
+            return self.add(applied)
+        if method == "DELETE":
+            found = self.objects.pop(key, None)
+            if found is None:
+                return None
+            return {"kind": "Status", "status": "Success"}
+        raise AssertionError(f"unexpected {method} {path}")
+
+
+def finetunejob(name: str = "tiny") -> Obj:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": "ns", "generation": 1},
+        "spec": {"model": {"name": "m"}, "dataset": {"name": "d"}, "device": "cpu", "workers": 2},
+    }
+
+
+@pytest.fixture
+def api() -> FakeApiKube:
+    return FakeApiKube()
+
+
+def test_a_reconcile_sends_no_get_and_a_steady_job_nothing(api: FakeApiKube) -> None:
+    api.add(finetunejob())
+    store = Store()
+    assert fill(store, api, ["ns"]) == {("ns", "tiny")}
+    assert set(api.requests) == {
+        "GET finetunejobs",
+        "GET jobs",
+        "GET pods",
+        "GET serviceaccounts",
+        "GET roles",
+        "GET rolebindings",
+        "GET configmaps",
+        "GET services",
+    }  # one LIST each
+    reconciler = Reconciler(kube=api, settings=OperatorSettings(), store=store)
+
+    api.requests.clear()
+    assert reconciler.reconcile_named("ns", "tiny") == 2.0  # planned before the Job existed
+    assert not [r for r in api.requests if r.startswith("GET")], api.requests
+    assert api.requests["PATCH serviceaccounts"] == 1 and api.requests["PATCH services"] == 1
+    assert api.requests["POST jobs"] == 1 and api.requests["PATCH finetunejobs/status"] == 1
+    status = api.objects[("finetunejobs", "ns", "tiny")]["status"]
+    assert status["phase"] == "Pending"
+
+    # The created Job is in the store (its create's answer): the next pass sees it and only
+    # says so in status ("0/2 workers running"); then there is nothing left to do.
+    api.requests.clear()
+    assert reconciler.reconcile_named("ns", "tiny") is None
+    assert api.requests == Counter({"PATCH finetunejobs/status": 1}), api.requests
+    api.requests.clear()
+    reconciler.reconcile_named("ns", "tiny")
+    assert api.requests == Counter(), api.requests
+
+    # The worker pods run (as their watch events would say): one status write, no reads.
+    job = store.get("batch/v1", "Job", "ns", "tiny-worker")
+    assert job is not None
+    for index in range(2):
+        store.observe(
+            "ADDED",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"tiny-worker-{index}-x",
+                    "namespace": "ns",
+                    "resourceVersion": str(1000 + index),
+                    "labels": {"finetune.dev/job-name": "tiny"},
+                    "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+                    "ownerReferences": [{"uid": job["metadata"]["uid"]}],
+                },
+                "spec": {"nodeName": "n"},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+            },
+        )
+    api.requests.clear()
+    reconciler.reconcile_named("ns", "tiny")
+    assert set(api.requests) <= {"PATCH finetunejobs/status", "POST events"}, api.requests
+    assert api.objects[("finetunejobs", "ns", "tiny")]["status"]["phase"] == "Running"
+    api.requests.clear()
+    reconciler.reconcile_named("ns", "tiny")
+    assert api.requests == Counter()
+
+
+def test_drift_in_the_cache_is_repaired(api: FakeApiKube) -> None:
+    api.add(finetunejob())
+    store = Store()
+    fill(store, api, ["ns"])
+    reconciler = Reconciler(kube=api, settings=OperatorSettings(), store=store)
+    reconciler.reconcile_named("ns", "tiny")
+    reconciler.reconcile_named("ns", "tiny")
+
+    # Someone deletes the Service: its DELETED event reaches the store.
+    service = store.get("v1", "Service", "ns", "tiny-workers")
+    assert service is not None
+    api.objects.pop(("services", "ns", "tiny-workers"))
+    rv = str(int(service["metadata"]["resourceVersion"]) + 1000)
+    store.observe(
+        "DELETED", {**service, "metadata": {**service["metadata"], "resourceVersion": rv}}
+    )
+    api.requests.clear()
+    reconciler.reconcile_named("ns", "tiny")
+    assert api.requests == Counter({"PATCH services": 1}), api.requests
+    assert ("services", "ns", "tiny-workers") in api.objects
+
+
+def test_a_job_gone_from_the_store_is_left_alone(api: FakeApiKube) -> None:
+    store = Store()
+    reconciler = Reconciler(kube=api, settings=OperatorSettings(), store=store)
+    assert reconciler.reconcile_named("ns", "missing") is None
+    assert api.requests == Counter()
