@@ -3,8 +3,12 @@
 #   main   LoRA set on GPU 0 (baseline, ours + profile, ours-auto, ours-eager) while the QLoRA
 #          set runs on GPU 1 (baseline, ours + profile, ours-auto; then LoRA ours-liger)
 #   ddp    torchrun 2 GPUs (DDP, NCCL): lora and qlora 'ours'; then lora 'ours' on 1 GPU via torchrun
-# Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library) travel
-# in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
+#   graphs (4 GPUs, session 2) CUDA graphs at micro-batch 2 and DPO, one set per GPU at once:
+#          GPU 0 LoRA baseline, ours-graphs; GPU 1 QLoRA baseline, ours-graphs; GPU 2 DPO
+#          baseline (plain TRL), ours, ours-graphs; GPU 3 LoRA ours, ours-graphs-auto
+#   scale  (4 GPUs) DDP at 1, 2 and 4 GPUs, LoRA and QLoRA, auto micro-batch (issue 9)
+# Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
+# datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -21,7 +25,7 @@ if [ "$phase" != inner ]; then
 fi
 phase=$2
 {
-  python3 -c 'import torch, transformers, peft, bitsandbytes, liger_kernel; print(torch.__version__, torch.cuda.device_count(), transformers.__version__, peft.__version__, bitsandbytes.__version__)'
+  python3 -c 'import torch, transformers, peft, bitsandbytes, liger_kernel, trl, datasets; print(torch.__version__, torch.cuda.device_count(), transformers.__version__, peft.__version__, bitsandbytes.__version__, trl.__version__, datasets.__version__)'
   nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
   if [ "$phase" = main ]; then
     # LoRA set on GPU 0 and QLoRA set on GPU 1, at the same time (one process per GPU)
@@ -44,6 +48,25 @@ phase=$2
     wait
     echo "---- GPU 0"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu0.log"; echo "---- GPU 1"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu1.log"
     $B --paths ours-auto --methods lora,qlora --worlds 2 --steps 3 --run-timeout 130
+  elif [ "$phase" = graphs ]; then
+    ( $B --gpu 0 --paths baseline --methods lora --baseline-steps 2 --run-timeout 150
+      $B --gpu 0 --paths ours-graphs --methods lora --steps 6 --warmup-steps 2 --profile-step 6 --run-timeout 300 ) > "$OUT/gpu0.log" 2>&1 &
+    ( $B --gpu 1 --paths baseline --methods qlora --baseline-steps 2 --run-timeout 150
+      $B --gpu 1 --paths ours-graphs --methods qlora --steps 6 --warmup-steps 2 --run-timeout 300 ) > "$OUT/gpu1.log" 2>&1 &
+    ( D="--methods dpo --global-batch 16 --micro-batch 4 --examples 512 --bucket 256"
+      $B --gpu 2 $D --paths baseline --baseline-steps 5 --warmup-steps 2 --run-timeout 150
+      $B --gpu 2 $D --paths ours --steps 6 --warmup-steps 2 --run-timeout 170
+      $B --gpu 2 $D --paths ours-graphs --steps 7 --warmup-steps 3 --run-timeout 200 ) > "$OUT/gpu2.log" 2>&1 &
+    ( $B --gpu 3 --paths ours --methods lora --steps 4 --run-timeout 200
+      $B --gpu 3 --paths ours-graphs-auto --methods lora --steps 4 --run-timeout 200 ) > "$OUT/gpu3.log" 2>&1 &
+    wait
+    for g in 0 1 2 3; do echo "---- GPU $g"; grep -E "RESULT|^== |Error|FAILED|skipping cudagraphs" "$OUT/gpu$g.log" | head -20; done
+  elif [ "$phase" = scale ]; then
+    $B --paths ours-auto --methods lora,qlora --worlds 4,2 --steps 4 --run-timeout 140
+    ( $B --gpu 0 --paths ours-auto --methods lora --steps 4 --run-timeout 140 ) > "$OUT/gpu0.log" 2>&1 &
+    ( $B --gpu 1 --paths ours-auto --methods qlora --steps 4 --run-timeout 140 ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    for g in 0 1; do echo "---- GPU $g"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu$g.log"; done
   else
     $B --paths ours --methods lora,qlora --worlds 2 --steps 4 --run-timeout 150
     $B --paths ours --methods lora --worlds 1 --torchrun --steps 4 --tag torchrun- --run-timeout 120

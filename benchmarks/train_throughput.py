@@ -18,6 +18,16 @@ max_grad_norm 1, seed 42, transformers Trainer (same sampler: the same examples 
   ours-eager   ours without compile and without Liger (packing + args only)
   ours-liger   ours without compile, with Liger RMSNorm/SwiGLU/RoPE/FLCE
   ours-auto    ours with microBatchSize auto (perf.auto_micro_batch), rows of 1024 tokens.
+  ours-graphs  ours with CUDA graphs over the compiled layers (perf.PerfOptions.cuda_graphs,
+               perf.StableGradients), rows rounded up to --bucket tokens.
+  ours-graphs-auto  ours-graphs with microBatchSize auto.
+
+DPO (--methods dpo, LoRA): the seed's DPO defaults (micro-batch 4 pairs, global batch 16, lr
+5e-5, beta 0.1, max_length 1536) on synthetic pairs (prompt median 140 tokens, responses median
+120, lognormal sigma 0.5): baseline = plain TRL DPOTrainer (its collator, right padding, its
+metrics); ours = finetune_trainer.packed_dpo (packed rows, no host syncs) + the same perf
+switches; ours-graphs adds CUDA graphs. FLOPs per non-padding token: 6N (policy forward and
+backward through the activations 4N, reference forward 2N) plus attention.
 
 Usage (one GPU, everything, results JSON per run under --out):
   python benchmarks/train_throughput.py --paths baseline,ours,ours-auto --methods lora,qlora
@@ -138,10 +148,11 @@ class Counting:
 
 
 def tokenizer_stub(vocab: int) -> Any:
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "t5 t9" -> [5, 9] (DPO's text)
     t = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t2"
     )
@@ -200,8 +211,23 @@ def quantize_linears(model: Any, compute_dtype: torch.dtype) -> None:
     model.quantization_method = "bitsandbytes"
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(args: argparse.Namespace) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=args.lora_dropout,
+        target_modules=TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_model(
+    args: argparse.Namespace, device: torch.device, wrap: bool = True
+) -> tuple[Any, Any]:
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     cfg = model_config(args.tiny, args.layers)
@@ -214,15 +240,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, An
         quantize_linears(model, torch.bfloat16)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(42)  # the LoRA A matrices: the same on every rank and in every path
-    lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.05,
-        target_modules=TARGETS,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    if wrap:
+        model = get_peft_model(model, lora_config(args))
     return model, cfg
 
 
@@ -346,6 +365,9 @@ def summarise_profile(prof: Any, device: torch.device) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.method == "dpo":
+        child_dpo(args)
+        return
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from finetune_trainer import perf
@@ -365,19 +387,26 @@ def child(args: argparse.Namespace) -> None:
     flops_fn, n_base = flops_per_example(cfg, n_lora)
     tokenizer = tokenizer_stub(cfg.vocab_size)
     micro = args.micro_batch
+    auto = path.endswith("-auto")
+    full_path = path in ("ours", "ours-auto", "ours-graphs", "ours-graphs-auto")
+    graphs = "graphs" in path and cuda  # CUDA graphs need CUDA
+    stable_grads: perf.StableGradients | None = None
     if ours:
         liger = cuda and not os.environ.get("BENCH_NO_LIGER")
         compiled = not os.environ.get("BENCH_NO_COMPILE") and (cuda or args.tiny_cpu)
         options = perf.PerfOptions(
-            compile_layers=compiled and path in ("ours", "ours-auto") and (cuda or path == "ours"),
-            liger_loss=liger and path in ("ours", "ours-auto", "ours-liger"),
+            compile_layers=compiled and full_path and (cuda or path == "ours"),
+            liger_loss=liger and (full_path or path == "ours-liger"),
             liger_layers=liger and path == "ours-liger",
+            cuda_graphs=graphs and compiled,
         )
         perf.optimize_model(model, options)
+        if options.cuda_graphs:
+            stable_grads = perf.StableGradients(model)
         inner = perf.PackingCollator(
             pad_token_id=0,
-            pad_to_multiple_of=64,
-            row_tokens=args.row_tokens if path == "ours-auto" else None,
+            pad_to_multiple_of=args.bucket,
+            row_tokens=args.row_tokens if auto else None,
         )
     else:
         options = None
@@ -419,9 +448,9 @@ def child(args: argparse.Namespace) -> None:
     targs = TrainingArguments(**kwargs)
     _ = targs.device  # initialises the process group under torchrun
     probe: dict[str, Any] = {}
-    if path == "ours-auto":
+    if auto:
         collate_probe = perf.PackingCollator(
-            pad_token_id=0, pad_to_multiple_of=64, row_tokens=args.row_tokens
+            pad_token_id=0, pad_to_multiple_of=args.bucket, row_tokens=args.row_tokens
         )
         t0 = time.perf_counter()
         if cuda:
@@ -461,8 +490,197 @@ def child(args: argparse.Namespace) -> None:
         train_dataset=ListDataset(rows),
         data_collator=counter,
         processing_class=tokenizer,
-        callbacks=[recorder.callback],
+        callbacks=[recorder.callback] + ([stable_grads.callback()] if stable_grads else []),
     )
+    meta = {
+        "micro_batch": micro,
+        "accumulation": accumulation,
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+        "options": None if options is None else options.__dict__,
+        "n_base_flop_params": n_base,
+        "n_lora": n_lora,
+        "build_s": round(build_s, 1),
+        "probe": probe,
+    }
+    train_and_report(args, trainer, recorder, device, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO: plain TRL vs finetune_trainer.packed_dpo
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_pairs(n: int, vocab: int, seed: int = 4321) -> list[dict[str, str]]:
+    """Preference pairs as text ("t5 t9 ..." is token ids 5, 9 for `tokenizer_stub`): prompt
+    lognormal median 140 tokens, chosen and rejected each median 120 (sigma 0.5, clipped)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lengths(median: float, low: int, high: int) -> list[int]:
+        draw = torch.exp(math.log(median) + 0.5 * torch.randn(n, generator=g))
+        return [int(x) for x in draw.round().clamp(low, high).tolist()]
+
+    def text(length: int) -> str:
+        return " ".join(f"t{i}" for i in torch.randint(3, vocab, (length,), generator=g).tolist())
+
+    prompts, chosen, rejected = lengths(140, 16, 512), lengths(120, 8, 512), lengths(120, 8, 512)
+    # leading space: TRL tokenizes prompt and prompt + completion; trailing space: it appends
+    # the EOS text, which must stay a word of its own
+    return [
+        {"prompt": text(p), "chosen": " " + text(c) + " ", "rejected": " " + text(r) + " "}
+        for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    ]
+
+
+class PairCounting:
+    """Wraps a preference collator: counts non-padding tokens (both sequences of each pair,
+    truncated as the collators truncate) and useful FLOPs (6N per token + attention)."""
+
+    def __init__(self, inner: Any, flops_fn: Any, max_length: int) -> None:
+        self.inner, self.flops_fn, self.max_length = inner, flops_fn, max_length
+        self.tokens, self.flops, self.examples = 0, 0.0, 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        for f in features:
+            for key in ("chosen_ids", "rejected_ids"):
+                s = min(len(f["prompt_ids"]) + len(f[key]), self.max_length)
+                self.tokens += s
+                self.flops += self.flops_fn(s)
+        self.examples += len(features)
+        return self.inner(features)
+
+
+def lora_model_params(cfg: Any, args: argparse.Namespace) -> list[torch.Tensor]:
+    """The LoRA parameters TRL will add (r 8 on the seven projections): shapes only."""
+    d, f, r = cfg.hidden_size, cfg.intermediate_size, 8
+    per_layer = 4 * (d * r + r * d) + 2 * (d * r + r * f) + (f * r + r * d)
+    return [torch.empty(per_layer * cfg.num_hidden_layers, device="meta")]
+
+
+def child_dpo(args: argparse.Namespace) -> None:
+    from datasets import Dataset
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+
+    from finetune_trainer import perf
+    from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and not args.tiny_cpu
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    path, ours = args.path, args.path.startswith("ours")
+    t_build = time.perf_counter()
+    args.method = "lora"  # the bf16 base; TRL adds the LoRA adapter (reference: adapter off)
+    model, cfg = build_model(args, device, wrap=False)
+    args.method = "dpo"
+    n_lora = sum(p.numel() for p in lora_model_params(cfg, args))
+    d, L = cfg.hidden_size, cfg.num_hidden_layers
+    n_base = L * (4 * d * d + 3 * d * cfg.intermediate_size) + cfg.vocab_size * d
+
+    def flops_fn(s: int) -> float:  # policy fwd+bwd 4N, reference fwd 2N; attention alike
+        return 6 * n_base * s + 9 * s * s * d * L + 6 * n_lora * s
+
+    tokenizer = tokenizer_stub(cfg.vocab_size)
+    options = None
+    stable_grads = None
+    inner: Any
+    if ours:
+        graphs = "graphs" in path and cuda
+        options = perf.PerfOptions(
+            compile_layers=(cuda or args.tiny_cpu) and not os.environ.get("BENCH_NO_COMPILE"),
+            liger_loss=False,  # the packed loss needs per-token log-probs, not a mean CE
+            cuda_graphs=graphs,
+        )
+        inner = PackedPreferenceCollator(
+            pad_token_id=0, max_length=args.dpo_max_length, pad_to_multiple_of=args.bucket
+        )
+    else:
+        inner = DataCollatorForPreference(pad_token_id=0, max_length=args.dpo_max_length)
+    build_s = time.perf_counter() - t_build
+    micro = args.micro_batch
+    accumulation = args.global_batch // world // micro
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(Path(args.out) / "trainer-tmp"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        max_steps=args.steps,
+        learning_rate=5e-5,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=cuda,
+        logging_steps=1,
+        save_strategy="no",
+        seed=42,
+        data_seed=42,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        ddp_find_unused_parameters=False,
+        dataloader_drop_last=True,
+        beta=0.1,
+        max_length=args.dpo_max_length,
+    )
+    if ours:
+        kwargs |= perf.training_argument_overrides(device.type, "adamw_torch")
+    targs = DPOConfig(**kwargs)
+    counter = PairCounting(inner, flops_fn, args.dpo_max_length)
+    recorder = Recorder(counter, device)  # type: ignore[arg-type]
+    if args.profile_step and rank == 0:
+        recorder.profile_step = args.profile_step
+    trainer_class = PackedDPOTrainer if ours else DPOTrainer
+    torch.manual_seed(42)  # the LoRA A matrices TRL draws: the same in both paths
+    trainer = trainer_class(
+        model=model,
+        args=targs,
+        train_dataset=Dataset.from_list(synthetic_pairs(args.examples, cfg.vocab_size)),
+        data_collator=counter,
+        processing_class=tokenizer,
+        callbacks=[recorder.callback],
+        peft_config=lora_config(args),
+    )
+    if options is not None:  # on the wrapped model, as train.py does
+        perf.optimize_model(trainer.model, options)
+        if options.cuda_graphs:
+            stable_grads = perf.StableGradients(trainer.model)
+            trainer.add_callback(stable_grads.callback())
+    meta = {
+        "micro_batch": micro,
+        "accumulation": accumulation,
+        "layers": L,
+        "hidden": d,
+        "options": None if options is None else options.__dict__,
+        "n_base_flop_params": n_base,
+        "n_lora": n_lora,
+        "build_s": round(build_s, 1),
+        "probe": {},
+        "trainer": trainer_class.__name__,
+    }
+    train_and_report(args, trainer, recorder, device, meta)
+
+
+def train_and_report(
+    args: argparse.Namespace,
+    trainer: Any,
+    recorder: Recorder,
+    device: torch.device,
+    meta: dict[str, Any],
+    extra_seconds: float = 0.0,
+) -> None:
+    """Train, then report the timed steps (rank 0 writes the JSON and prints RESULT).
+
+    `extra_seconds`: time spent outside the timed steps that belongs to them (none today)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = device.type == "cuda"
+    path = args.path
+    targs = trainer.args
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -487,22 +705,15 @@ def child(args: argparse.Namespace) -> None:
     seconds = sum(s["seconds"] for s in timed)
     tokens = sum(s["tokens"] for s in timed)
     flops = sum(s["flops"] for s in timed)
+    seconds += extra_seconds
     result = {
         "path": path,
         "method": args.method,
         "world_size": world,
-        "micro_batch": micro,
-        "accumulation": accumulation,
         "global_batch": args.global_batch,
-        "layers": cfg.num_hidden_layers,
-        "hidden": cfg.hidden_size,
-        "options": None if options is None else options.__dict__,
+        **meta,
         "optimizer": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
-        "n_base_flop_params": n_base,
-        "n_lora": n_lora,
-        "build_s": round(build_s, 1),
         "train_s": round(total_s, 1),
-        "probe": probe,
         "steps": recorder.steps,
         "timed_steps": [s["step"] for s in timed],
         "s_per_step": seconds / len(timed) if timed else None,
@@ -545,9 +756,12 @@ def child(args: argparse.Namespace) -> None:
             {k: round(v["loss"], 5) for k, v in result["logs"].items()},
             flush=True,
         )
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # Exit here, without a barrier or process-group teardown: after the 2-GPU run those hung
+    # (NCCL/TCPStore broken pipes) past the printed results until the driver's timeout. Every
+    # collective is done above; each rank leaves on its own and torchrun sees exit code 0.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: int) -> int:
@@ -615,7 +829,7 @@ def driver(args: argparse.Namespace) -> int:
                 rc = run(cmd, run_env, args.run_timeout)
                 if (
                     rc not in (0, 124)
-                    and path in ("ours", "ours-auto")
+                    and path.startswith("ours")
                     and not env.get("BENCH_NO_COMPILE")
                 ):
                     print("== retrying without torch.compile", flush=True)
@@ -650,6 +864,11 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--cutoff", type=int, default=256)
     p.add_argument("--row-tokens", type=int, default=1024)
+    p.add_argument(
+        "--bucket", type=int, default=64, help="packed rows are rounded up to this many tokens"
+    )
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--dpo-max-length", type=int, default=1536, help="DPO: prompt + response")
     p.add_argument("--memory-fraction", type=float, default=0.8)
     p.add_argument("--examples", type=int, default=4096)
     p.add_argument("--layers", type=int, default=None)

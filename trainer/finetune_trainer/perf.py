@@ -214,6 +214,10 @@ class PerfOptions:
     compile_layers: bool = True
     liger_loss: bool = True  # Liger's fused linear cross-entropy (CUDA/XPU, needs liger_kernel)
     liger_layers: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (used when compile_layers is off)
+    # CUDA graphs over the compiled layers (inductor's "reduce-overhead"): each layer's forward
+    # and backward replay as one graph per row length (the collator's buckets), so the ~5,000
+    # launches of a micro-batch become ~2 graph launches per layer. Needs compile_layers.
+    cuda_graphs: bool = False
 
     @classmethod
     def for_device(cls, device_kind: str, fused_kernels: bool = True) -> PerfOptions:
@@ -285,15 +289,35 @@ def apply_liger(model: Any, layers: bool, loss: bool) -> bool:
     return True
 
 
-def compile_decoder_layers(model: Any, dynamic: bool | None = True) -> int:
-    """Regional torch.compile: each decoder layer compiled in place (one graph for all)."""
+def compile_decoder_layers(
+    model: Any, dynamic: bool | None = True, cuda_graphs: bool = False
+) -> int:
+    """Regional torch.compile: each decoder layer compiled in place (one graph for all).
+
+    `cuda_graphs`: mode "reduce-overhead" (CUDA graph trees). With dynamic lengths inductor
+    compiles once and records one graph per distinct row length, which is why the collator
+    rounds rows up to a few bucket widths (`pad_to_multiple_of`).
+    """
     import torch._dynamo
 
     # every layer module is its own guard target; leave room for the length buckets too
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     layers = decoder_layers(model)
+    mode = "reduce-overhead" if cuda_graphs else None
+    if cuda_graphs:
+        import torch._inductor.config as inductor
+
+        # One compiled layer serves all layers; its graph is recorded once per layer (each has
+        # its own weights) and bucket width, which is many more than the default limits expect.
+        triton = inductor.triton
+        if hasattr(triton, "cudagraph_unexpected_rerecord_limit"):
+            triton.cudagraph_unexpected_rerecord_limit = max(
+                triton.cudagraph_unexpected_rerecord_limit, 8 * len(layers) * 64
+            )
+        if hasattr(triton, "cudagraph_dynamic_shape_warn_limit"):
+            triton.cudagraph_dynamic_shape_warn_limit = None
     for layer in layers:
-        layer.compile(dynamic=dynamic)
+        layer.compile(dynamic=dynamic, mode=mode)
     return len(layers)
 
 
@@ -305,9 +329,62 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
     ):
         applied.append("liger")
     if options.compile_layers:
-        applied.append(f"compiled {compile_decoder_layers(model)} decoder layers")
+        count = compile_decoder_layers(model, cuda_graphs=options.cuda_graphs)
+        applied.append(
+            f"compiled {count} decoder layers" + (" (CUDA graphs)" * options.cuda_graphs)
+        )
     log.info("perf: %s", ", ".join(applied) or "nothing applied")
     return model
+
+
+class StableGradients:
+    """Keeps every trainable parameter's `.grad` in one preallocated buffer, zeroed in place.
+
+    Why: under CUDA graphs (`cuda_graphs`) the compiled backward writes each gradient into
+    graph-owned memory that the next replay overwrites. With `.grad` None, autograd's
+    AccumulateGrad adopts that tensor as `.grad` (no copy), and the next micro-batch of the
+    same optimizer step would overwrite the gradient accumulated so far. With a `.grad` already
+    there, AccumulateGrad adds into it. Trainer sets `.grad` to None after each optimizer step
+    (`model.zero_grad()`), so this TrainerCallback (`callbacks=[..., StableGradients(model)]`)
+    puts the views back and zeroes the buffer (one kernel) before each step's first backward.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.views: list[torch.Tensor] = []
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        for p in self.params:
+            key = (p.device, p.dtype)
+            sizes[key] = sizes.get(key, 0) + p.numel()
+        offsets = dict.fromkeys(sizes, 0)
+        for key, size in sizes.items():
+            self.buffers[key] = torch.zeros(size, device=key[0], dtype=key[1])
+        for p in self.params:
+            key = (p.device, p.dtype)
+            start = offsets[key]
+            self.views.append(self.buffers[key][start : start + p.numel()].view_as(p))
+            offsets[key] = start + p.numel()
+
+    def attach(self) -> None:
+        """Point each `.grad` at its view and zero the buffers (if the Trainer dropped them)."""
+        if all(p.grad is not None for p in self.params):
+            return
+        for buffer in self.buffers.values():
+            buffer.zero_()
+        for p, view in zip(self.params, self.views, strict=True):
+            p.grad = view
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        owner = self
+
+        class _Attach(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                owner.attach()
+
+        return _Attach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +482,7 @@ __all__ = [
     "HostTokenCounter",
     "PackingCollator",
     "PerfOptions",
+    "StableGradients",
     "auto_micro_batch",
     "block_causal_mask",
     "candidate_micro_batches",

@@ -1,0 +1,193 @@
+"""packed_dpo on the CPU: the packed loss and gradient are TRL DPOTrainer's, to fp32 rounding.
+
+Speed is measured in benchmarks/train_throughput.py (--methods dpo), never here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from finetune_trainer import perf
+
+pytest.importorskip("trl")
+
+VOCAB = 97
+TOL = 1e-4
+
+
+def tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t2"
+    )
+
+
+def pairs(n: int, seed: int = 3) -> list[dict[str, str]]:
+    g = torch.Generator().manual_seed(seed)
+
+    def text(low: int, high: int) -> str:
+        length = int(torch.randint(low, high, (1,), generator=g))
+        return " ".join(f"t{i}" for i in torch.randint(3, VOCAB, (length,), generator=g).tolist())
+
+    return [
+        {"prompt": text(3, 20), "chosen": f" {text(2, 15)} ", "rejected": f" {text(2, 15)} "}
+        for _ in range(n)
+    ]
+
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def base_model(seed: int = 0) -> Any:
+    """A tiny fp32 Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        use_cache=False,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).float()
+
+
+def perturb_lora_b(model: Any) -> None:
+    """LoRA B is zero at init (policy == reference); move it so the margin is real."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and param.requires_grad:
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
+
+
+def loss_and_grads(packed: bool, max_length: int | None = None) -> tuple[float, list[torch.Tensor]]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+
+    from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
+
+    model = base_model()
+    collator = (
+        PackedPreferenceCollator(pad_token_id=0, max_length=max_length, pad_to_multiple_of=8)
+        if packed
+        else DataCollatorForPreference(pad_token_id=0, max_length=max_length)
+    )
+    trainer_class = PackedDPOTrainer if packed else DPOTrainer
+    args = DPOConfig(
+        output_dir="/tmp/packed-dpo-test",
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=3,
+        beta=0.1,
+        max_length=max_length,
+        bf16=False,
+    )
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(pairs(3)),
+        data_collator=collator,
+        processing_class=tokenizer(),
+        peft_config=LoraConfig(**LORA),  # as train.py does: the reference is the adapter off
+    )
+    perturb_lora_b(trainer.model)
+    features = [trainer.train_dataset[i] for i in range(3)]
+    inputs = trainer._prepare_inputs(collator(features))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("max_length", [None, 24])
+def test_packed_dpo_matches_trl(max_length: int | None) -> None:
+    """Same loss, same gradient as TRL's padded DPOTrainer (sigmoid loss, adapter-off
+    reference), with and without truncation."""
+    loss_trl, grads_trl = loss_and_grads(packed=False, max_length=max_length)
+    loss_packed, grads_packed = loss_and_grads(packed=True, max_length=max_length)
+    assert abs(loss_trl - 0.6931) > 1e-3  # policy != reference: a real margin
+    assert abs(loss_packed - loss_trl) / abs(loss_trl) < TOL
+    for a, b in zip(grads_packed, grads_trl, strict=True):
+        assert (a - b).norm() <= TOL * b.norm() + 1e-8
+
+
+def test_packed_preference_collator_layout() -> None:
+    from finetune_trainer.packed_dpo import PackedPreferenceCollator
+
+    features = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+        {"prompt_ids": [10], "chosen_ids": [11, 2], "rejected_ids": [12, 13, 14, 2]},
+    ]
+    batch = PackedPreferenceCollator(pad_to_multiple_of=8)(features)
+    # chosen 1, chosen 2, rejected 1, rejected 2: 5 + 3 + 4 + 5 = 17 tokens, rounded to 24
+    assert batch["input_ids"].shape == (1, 24)
+    assert batch["input_ids"][0, :17].tolist() == [
+        5,
+        6,
+        7,
+        8,
+        2,
+        10,
+        11,
+        2,
+        5,
+        6,
+        9,
+        2,
+        10,
+        12,
+        13,
+        14,
+        2,
+    ]
+    assert batch["segments"][0, :17].tolist() == [0] * 5 + [1] * 3 + [2] * 4 + [3] * 5
+    assert (batch["segments"][0, 17:] == -1).all()
+    # only completion tokens are labels
+    labels = batch["labels"][0].tolist()
+    assert labels[:5] == [-100, -100, 7, 8, 2] and labels[5:8] == [-100, 11, 2]
+    assert batch["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    mask = batch["attention_mask"][0, 0]
+    assert mask[6, 5] and not mask[5, 4]  # inside sequence 2; never across sequences
+    assert batch["sequence_ids"].tolist() == [0, 1, 2, 3]
+
+
+def test_stable_gradients_accumulate_in_place() -> None:
+    """perf.StableGradients: `.grad` are views of one buffer that backward adds into (what keeps
+    gradient accumulation right under CUDA graphs), re-attached and zeroed after zero_grad."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base_model(), LoraConfig(**LORA))
+    perturb_lora_b(model)
+    stable = perf.StableGradients(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(3, VOCAB, (1, 12))
+    stable.attach()
+    views = [p.grad for p in params]
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    twice = [p.grad.clone() for p in params]
+    assert all(p.grad is v for p, v in zip(params, views, strict=True))  # no adoption
+    model.zero_grad(set_to_none=True)
+    stable.attach()
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in params)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for p, v, t in zip(params, views, twice, strict=True):
+        assert p.grad is v
+        assert torch.allclose(2 * p.grad, t, rtol=1e-5, atol=1e-7)

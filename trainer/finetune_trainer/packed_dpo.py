@@ -1,0 +1,163 @@
+"""Padding-free DPO on TRL's DPOTrainer: what TRL lacks today, and nothing else (issue 7).
+
+TRL's DPOTrainer pads the chosen and rejected sequences of a micro-batch to the longest of
+them (its own `padding_free` switch is disabled "after a refactor", TRL 1.x), so with
+alpaca-like lengths a third or more of every forward is padding, and its loss code reads
+metrics back to the host several times per micro-batch. Here:
+
+* `PackedPreferenceCollator` lays the micro-batch's 2B sequences (chosen 1..B, then rejected
+  1..B, TRL's order) end to end in one row: position ids restart per sequence, a 4D
+  block-diagonal causal mask keeps attention inside each sequence (`perf.block_causal_mask`),
+  `labels` are the completion tokens, `segments` says which sequence each token belongs to.
+  Truncation is TRL's default (`keep_start` to `max_length`, per sequence).
+* `PackedDPOTrainer._compute_loss` runs the reference (TRL's: the adapter off, or its "ref"
+  copy; no grad) and the policy
+  over the packed row, sums each sequence's completion log-probs with one `index_add`, and
+  computes TRL's sigmoid loss, `-logsigmoid(beta * (policy - reference log-ratio margin))`
+  averaged over the pairs: the same loss and gradient as DPOTrainer's (tests/trainer check
+  it against the unpacked trainer). Reward margin and accuracy are kept on the device and read
+  once per logging step.
+
+Anything else (other loss types, precomputed reference log-probs, a separate reference
+model, weighting) goes to DPOTrainer's own code: the collator's `segments` key is the switch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
+from trl.trainer.dpo_trainer import DPOTrainer
+from trl.trainer.utils import use_adapter
+
+from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask
+
+
+@dataclass
+class PackedPreferenceCollator:
+    """One packed row per micro-batch of preference pairs (see the module docstring).
+
+    `pad_to_multiple_of` rounds the row up to a few widths (the compiled layers, and CUDA
+    graphs, see one shape per bucket); the pad tail is its own segment.
+    """
+
+    pad_token_id: int = 0
+    max_length: int | None = None
+    pad_to_multiple_of: int = 64
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences: list[tuple[list[int], int]] = []  # (ids, prompt length), chosen then rejected
+        for key in ("chosen_ids", "rejected_ids"):
+            for example in examples:
+                ids = list(example["prompt_ids"]) + list(example[key])
+                if self.max_length is not None:
+                    ids = ids[: self.max_length]
+                sequences.append((ids, len(example["prompt_ids"])))
+        total = sum(len(ids) for ids, _ in sequences)
+        multiple = max(self.pad_to_multiple_of, 1)
+        width = int(math.ceil(total / multiple) * multiple)
+        input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((1, width), dtype=torch.long)
+        segments = torch.full((1, width), -1, dtype=torch.long)
+        at = 0
+        for index, (ids, prompt_length) in enumerate(sequences):
+            length = len(ids)
+            tensor = torch.as_tensor(ids, dtype=torch.long)
+            input_ids[0, at : at + length] = tensor
+            # completion tokens only (the prompt, and the first token, are never predicted)
+            start = at + max(min(prompt_length, length), 1)
+            labels[0, start : at + length] = tensor[start - at :]
+            position_ids[0, at : at + length] = torch.arange(length)
+            segments[0, at : at + length] = index
+            at += length
+        position_ids[0, at:] = torch.arange(width - at)
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": block_causal_mask(segments),
+            "labels": labels,
+            "segments": segments,
+            "sequence_ids": torch.arange(len(sequences)),
+        }
+
+
+def sequence_logps(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed completion log-probs of each packed sequence: [2B], chosen first."""
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        position_ids=inputs["position_ids"],
+        attention_mask=inputs["attention_mask"],
+        use_cache=False,
+    )
+    logits = outputs.logits[:, :-1].flatten(0, 1).float()
+    labels = inputs["labels"][:, 1:].flatten()
+    token_logps = -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    segments = inputs["segments"][:, 1:].flatten().clamp(min=0)  # ignored tokens add 0
+    sums = torch.zeros(
+        inputs["sequence_ids"].numel(), device=token_logps.device, dtype=token_logps.dtype
+    )
+    return sums.index_add(0, segments, token_logps)
+
+
+class PackedDPOTrainer(DPOTrainer):
+    """DPOTrainer whose sigmoid loss runs on `PackedPreferenceCollator` rows."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._packed_stats: dict[str, torch.Tensor] = {}
+
+    def _packed_supported(self) -> bool:
+        return (
+            is_peft_model(self.accelerator.unwrap_model(self.model))
+            and list(self.loss_types) == ["sigmoid"]
+            and self.ld_alpha is None
+            and not self.use_weighting
+            and not self.precompute_ref_logps
+            and self.ref_model is None
+            and not self.aux_loss_enabled
+        )
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        if "segments" not in inputs or not self._packed_supported():
+            return super()._compute_loss(model, inputs, return_outputs)  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            # TRL's reference: the adapter switched off, or the initial copy "ref" when an
+            # existing adapter is trained further
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            ref_adapter = "ref" if "ref" in unwrapped.peft_config else None
+            with use_adapter(unwrapped, adapter_name=ref_adapter):
+                ref_chosen, ref_rejected = sequence_logps(self.model, inputs).chunk(2)
+        chosen, rejected = sequence_logps(model, inputs).chunk(2)
+        margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+        loss = -F.logsigmoid(self.beta * margin).mean()
+        mode = "train" if model.training else "eval"
+        stats = torch.stack(
+            [
+                (self.beta * margin).detach().sum(),
+                (margin > 0).float().sum(),
+                torch.tensor(float(margin.numel()), device=margin.device),
+            ]
+        )
+        self._packed_stats[mode] = self._packed_stats.get(mode, torch.zeros_like(stats)) + stats
+        return (loss, {"margin": margin.detach()}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model is None or self.model.training else "eval"
+        stats = self._packed_stats.pop(mode, None)
+        if stats is not None:
+            gathered = self.accelerator.reduce(stats, reduction="sum")
+            margin_sum, correct, count = gathered.tolist()  # the one read-back per log
+            prefix = "eval_" if mode == "eval" else ""
+            if count:
+                logs[f"{prefix}rewards/margins"] = margin_sum / count
+                logs[f"{prefix}rewards/accuracies"] = correct / count
+        super().log(logs, start_time)
+
+
+__all__ = ["PackedDPOTrainer", "PackedPreferenceCollator", "sequence_logps"]
