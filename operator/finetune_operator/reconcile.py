@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -457,13 +458,20 @@ class Reconciler:
     and kept current by the watches) and writes through `kube`: no GET, no LIST. Every write's
     answer goes back into the store, so the next pass sees its own writes even before their
     watch events arrive. Callers run at most one reconcile of a job at a time (the work queue
-    guarantees it)."""
+    guarantees it).
+
+    Those watch events then change nothing in the store, so they no longer trigger the next
+    pass; instead a pass whose writes changed something asks to be run again at once (0 s),
+    until a pass changes nothing: the same convergence as when our own events triggered it.
+    A write the API server answers unchanged (a no-op apply) asks nothing, so there is no loop.
+    """
 
     kube: Kube
     settings: OperatorSettings
     store: Store
     identity: str = "finetune-operator"
     replace_grace_seconds: float = 120.0
+    _pass: threading.local = field(default_factory=threading.local, repr=False)
 
     def reconcile_named(self, namespace: str, name: str) -> float | None:
         """Bring one FinetuneJob's objects and status in line. Returns seconds to look again
@@ -472,8 +480,10 @@ class Reconciler:
         body = self.store.get(API_VERSION, KIND, namespace, name)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return None
+        self._pass.changed = False
         try:
-            return self._reconcile(body)
+            again = self._reconcile(body)
+            return 0.0 if self._pass.changed else again
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             raise
@@ -482,8 +492,9 @@ class Reconciler:
 
     def _seen(self, answer: Obj | None) -> None:
         """Read-your-writes: the object as the API server answered a write."""
-        if answer and answer.get("kind") not in (None, "Status") and answer.get("metadata"):
-            self.store.observe("MODIFIED", answer)
+        usable = answer and answer.get("kind") not in (None, "Status") and answer.get("metadata")
+        if usable and self.store.observe("MODIFIED", answer or {}):
+            self._pass.changed = True
 
     def _deleted(
         self, api_version: str, kind: str, namespace: str, name: str, answer: Obj | None
@@ -497,7 +508,7 @@ class Reconciler:
         ):
             self._seen(answer)
         elif answer is not None:
-            self.store.forget(
+            self._pass.changed |= self.store.forget(
                 {
                     "apiVersion": api_version,
                     "kind": kind,

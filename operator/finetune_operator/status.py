@@ -161,7 +161,10 @@ def job_view(job: Mapping[str, Any]) -> WorkerJob:
         world_size=int(world) if world and str(world).isdigit() else None,
         config_hash=annotations.get(CONFIG_HASH_ANNOTATION),
         template_hash=annotations.get(TEMPLATE_HASH_ANNOTATION),
-        suspended=bool(spec.get("suspend")),
+        # Also while the Job controller still says Suspended: resumed a moment ago (by us,
+        # after a hand-made suspend), the pods that suspend stopped are still going and are
+        # no worker failure.
+        suspended=bool(spec.get("suspend")) or true("Suspended"),
         complete=true("Complete"),
         failed=true("Failed"),
         deleting=bool(metadata.get("deletionTimestamp")),

@@ -134,6 +134,15 @@ def test_job_view() -> None:
     assert (job.uid, job.world_size, job.template_hash, job.suspended) == ("u1", 4, "def", True)
     assert job.failed and not job.complete and job.failure_reason == "BackoffLimitExceeded"
     assert not job_view({"metadata": {"uid": "u"}}).failed
+    # resumed, but the Job controller has not caught up: still suspended (its pods still go)
+    resumed = job_view(
+        {
+            "metadata": {"uid": "u"},
+            "spec": {"suspend": False},
+            "status": {"conditions": [{"type": "Suspended", "status": "True"}]},
+        }
+    )
+    assert resumed.suspended
 
 
 @pytest.mark.parametrize(
