@@ -51,6 +51,12 @@ class KubeError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
 
+    @property
+    def namespace_terminating(self) -> bool:
+        """The namespace is being deleted: the API server refuses new objects in it (a 403 that
+        is no RBAC problem; everything in it is about to go anyway)."""
+        return self.status == 403 and "because it is being terminated" in str(self)
+
 
 def is_subset(desired: Any, live: Any) -> bool:
     """True when every field set in `desired` has the same value in `live` (the API server's
@@ -322,4 +328,6 @@ class Kube:
         try:
             self.create(event)
         except KubeError as error:  # an Event is never worth failing a reconcile
+            if error.namespace_terminating:
+                return
             log.warning("could not post Event %s on %s: %s", reason, metadata.get("name"), error)

@@ -484,6 +484,12 @@ class Reconciler:
         try:
             again = self._reconcile(body)
             return 0.0 if self._pass.changed else again
+        except KubeError as error:
+            if error.namespace_terminating:
+                log.info("%s/%s: its namespace is being deleted, nothing to do", namespace, name)
+                return None
+            metrics.RECONCILE_ERRORS.inc()
+            raise
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             raise
