@@ -181,8 +181,10 @@ class TrainingSpec(_Spec):
     )
     micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         default=None,
-        description="Examples per device per forward pass, or 'auto' for the largest that fits "
-        "the device (the global batch is kept). Gradient accumulation is derived: "
+        description="Examples per device per forward pass, or 'auto': on cuda and xpu (lora, "
+        "qlora, full) the largest that fits the device's memory, measured by the trainer at "
+        "start; on cpu and for dpo the largest up to 4 (the global batch is kept either way). "
+        "Gradient accumulation is derived: "
         "globalBatchSize / (microBatchSize x workers x devicesPerWorker). "
         f"Default: {SFT_DEFAULTS.micro_batch_size} (dpo: {DPO_DEFAULTS.micro_batch_size}).",
     )

@@ -128,3 +128,30 @@ def test_loss_normalised_over_global_batch_tokens(run_a: Path, tmp_path: Path) -
     worst = max(abs(a[s] - d[s]) / abs(a[s]) for s in range(1, 4))
     print(f"token normalisation: worst relative loss difference over steps 1-3: {worst:.2e}")
     assert worst < SAME_BATCH_RTOL
+
+
+def test_auto_micro_batch_trains_like_the_fixed_split(run_a: Path, tmp_path: Path) -> None:
+    """microBatchSize auto on the CPU (2 gloo processes, no memory probe there): the rule
+    picks 4 x accumulation 1 at global batch 8, reported in the log, the config table and
+    progress.jsonl; the run trains to the end with run A's losses (2 x accumulation 2)."""
+    output = tmp_path / "out"
+    result = train(job(tmp_path / "job.yaml", **{"training.microBatchSize": "auto"}), output, 2)
+    logs = result.stdout + result.stderr
+    assert "microBatchSize auto: 4 x accumulation 1 (rule: no memory probe on cpu" in logs
+    table = {line.split()[0]: line.split()[-1] for line in logs.splitlines() if line[:2] == "  "}
+    assert table["microBatchSize"] == "4" and table["gradientAccumulationSteps"] == "1"
+    assert table["globalBatchSize"] == "8"
+    [chosen] = [r for r in progress(output) if r.get("event") == "microBatchSize"]
+    assert chosen == {
+        "event": "microBatchSize",
+        "how": "rule",
+        "microBatchSize": 4,
+        "gradientAccumulationSteps": 1,
+        "globalBatchSize": 8,
+        "worldSize": 2,
+    }
+    _assert_trained(output, "lora")
+    a, auto = losses(run_a), losses(output)
+    worst = max(abs(a[s] - auto[s]) / abs(a[s]) for s in range(1, 21))
+    print(f"auto micro-batch: worst relative loss difference over steps 1-20: {worst:.2e}")
+    assert worst < SAME_BATCH_RTOL

@@ -213,11 +213,11 @@ def test_resolved_json_as_the_operator_mounts_it(tmp_path: Path, config: Any) ->
 
 
 def test_auto_micro_batch_keeps_global_batch(config: Any) -> None:
-    from finetune_trainer.train import resolve_auto_micro_batch
+    from finetune_trainer.train import rule_micro_batch
 
     auto = config.model_copy(
         update={"micro_batch_size": "auto", "gradient_accumulation_steps": None}
     )
-    chosen = resolve_auto_micro_batch(auto, world(2))
+    chosen = rule_micro_batch(auto, world(2), CPU)
     check_batch_rule(chosen, world(2))
     assert chosen.global_batch_size == 8

@@ -208,6 +208,10 @@ class ProgressCallback(TrainerCallback):
         if self.patcher is not None:
             self.patcher.report({"checkpoint": {"latest": str(path), "step": step}})
 
+    def event(self, record: dict[str, Any]) -> None:
+        """A one-off record (rank 0), e.g. what `microBatchSize: auto` chose."""
+        self._emit(record)
+
     def _emit(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         line = json.dumps(record)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +54,202 @@ class RunResult:
     resumed_from: Path | None
 
 
-def resolve_auto_micro_batch(config: ResolvedConfig, world: World) -> ResolvedConfig:
-    """`microBatchSize: auto`: until the memory probe lands (issue 7), the largest micro-batch
-    up to the method's default that divides the per-rank share of the global batch."""
-    if config.micro_batch_size != "auto":
-        return config
-    per_rank = config.global_batch_size // world.world_size
-    default = 4 if config.method is Method.DPO else 2
-    micro = max(m for m in range(1, default + 1) if per_rank % m == 0) if per_rank else 1
-    log.warning("microBatchSize auto: using %d (no memory probe yet)", micro)
+# --------------------------------------------------------------------------------------------
+# microBatchSize: auto
+# --------------------------------------------------------------------------------------------
+
+# Budget: this fraction of the device's total memory for the probe's worst-case peak. 0.8, as
+# measured in benchmarks/train_throughput.py (ours-auto chose 32 for a 7B LoRA at cutoff 256
+# on an H200, 50.5 GiB peak): the probe reads max_memory_allocated, which leaves out the caching
+# allocator's fragmentation over the many row shapes of real batches, the CUDA/XPU context,
+# cuBLAS workspaces and NCCL/oneCCL buffers, and the error of the linear extrapolation between
+# measured sizes; 20% covers those with room to spare, 10% would not always.
+MEMORY_FRACTION = 0.8
+# Where no memory is measured (CPU; DPO, whose chosen+rejected pairs the probe does not
+# model): the largest micro-batch up to this that divides the per-rank share. 4 is DPO's
+# default micro-batch (4 pairs = 8 sequences), a size the seed recipe runs on any device.
+RULE_LIMIT = 4
+# With auto on CUDA and padding-free, packed rows hold up to this many tokens (at least one
+# example at cutoff), as in the benchmark's ours-auto: a large micro-batch in a single row
+# would make the attention mask (and its work) quadratic in micro x cutoff. Exact either way.
+AUTO_ROW_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class MicroBatchChoice:
+    """What `microBatchSize: auto` chose, and from what."""
+
+    micro: int
+    accumulation: int
+    how: str  # "probe" or "rule"
+    budget: int | None = None
+    peaks: dict[int, int] = field(default_factory=dict)  # micro-batch -> peak bytes measured
+
+
+def decide_micro_batch(
+    global_batch: int,
+    world_size: int,
+    step: Callable[[int], None] | None,
+    memory_budget: int = 0,
+    device_type: str = "cuda",
+    agree: Callable[[int], int] | None = None,
+) -> MicroBatchChoice:
+    """The micro-batch for `auto`: measured where `step` is given, else the rule.
+
+    `step(m)`: one worst-case forward+backward at micro-batch m (`perf.probe_step`); with it,
+    `perf.auto_micro_batch` picks the largest divisor of the per-rank share whose measured
+    (and extrapolated, then confirmed) peak fits `memory_budget` bytes on `device_type`'s
+    memory counters. Without it: the largest divisor up to RULE_LIMIT. `agree` makes the ranks
+    agree (all-reduce min: a size that fits on every rank); a min of divisors of the same
+    per-rank share is one of them, so the batch rule holds and the global batch is unchanged.
+    """
+    per_rank = global_batch // world_size
+    peaks: dict[int, int] = {}
+    if step is not None:
+        micro, peaks = perf.auto_micro_batch(
+            step, global_batch, world_size, memory_budget, start=2, device_type=device_type
+        )
+        how = "probe"
+    else:
+        micro = max(perf.candidate_micro_batches(global_batch, world_size, RULE_LIMIT) or [1])
+        how = "rule"
+    if agree is not None:
+        micro = agree(micro)
+    return MicroBatchChoice(
+        micro=micro,
+        accumulation=max(per_rank // micro, 1),
+        how=how,
+        budget=memory_budget if step is not None else None,
+        peaks=peaks,
+    )
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """all-reduce(MIN) of one integer over the process group (itself when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def probes_memory(config: ResolvedConfig, device: DeviceInfo) -> bool:
+    """`auto` is measured on CUDA and XPU for lora/qlora/full; DPO and CPU take the rule."""
+    return (
+        config.micro_batch_size == "auto"
+        and device.kind in ("cuda", "xpu")
+        and config.method is not Method.DPO
+    )
+
+
+def _with_micro(config: ResolvedConfig, world: World, micro: int) -> ResolvedConfig:
+    """The config at this micro-batch, accumulation recomputed by the batch rule."""
     return config.model_copy(update={"micro_batch_size": micro}).with_world(
         world.nodes, world.local_world_size
     )
+
+
+def rule_micro_batch(config: ResolvedConfig, world: World, device: DeviceInfo) -> ResolvedConfig:
+    """`auto` where no memory probe runs: CPU (host memory, not measured) and DPO (the probe
+    is measured for single sequences, not chosen+rejected pairs). The largest micro-batch up
+    to RULE_LIMIT that divides the per-rank share of the global batch; the same on every
+    rank, so no collective is needed."""
+    choice = decide_micro_batch(config.global_batch_size, world.world_size, None)
+    why = (
+        "dpo is not memory-probed: the probe models single sequences, not chosen+rejected pairs"
+        if config.method is Method.DPO
+        else f"no memory probe on {device.kind}"
+    )
+    if world.is_main:
+        log.info(
+            "microBatchSize auto: %d x accumulation %d (rule: %s; largest divisor of the "
+            "per-rank share %d up to %d; globalBatchSize %d kept)",
+            choice.micro,
+            choice.accumulation,
+            why,
+            config.global_batch_size // world.world_size,
+            RULE_LIMIT,
+            config.global_batch_size,
+        )
+    return _with_micro(config, world, choice.micro)
+
+
+def device_memory(device: DeviceInfo) -> int:
+    """Total memory of this rank's CUDA/XPU device, bytes (torch.cuda and torch.xpu alike)."""
+    accel: Any = getattr(torch, device.kind)
+    return int(accel.get_device_properties(device.local_rank).total_memory)
+
+
+def probe_micro_batch(
+    config: ResolvedConfig, device: DeviceInfo, world: World, model: Any, collator: Any
+) -> ResolvedConfig:
+    """`auto` on CUDA/XPU (lora, qlora, full): the largest micro-batch that fits, measured.
+
+    Runs after the model is built (and optimized) and the process group is up, with the
+    collator training will use (without the host token counter, so probe tokens are not
+    counted). Each probe step is a worst-case micro-batch (every example at cutoffLen, random
+    ids) through one forward+backward in training mode (activation checkpointing on if the
+    config asks, as the Trainer will set it), gradients dropped after. The budget is
+    MEMORY_FRACTION of the device's memory, less what training adds beyond the probe: the
+    optimizer's state (an AdamW-sized upper bound: two fp32 values per trainable parameter)
+    and gradients kept across accumulation. Ranks agree on the minimum.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    reserve = sum(p.numel() * (8 + p.element_size()) for p in trainable)
+    total = device_memory(device)
+    budget = int(total * MEMORY_FRACTION) - reserve
+    vocab = int(perf.causal_lm(model).config.vocab_size)
+    where = model.device  # where the model is (this rank's device)
+
+    def step(m: int) -> None:
+        batch = perf.worst_case_batch(m, config.cutoff_len, vocab, collator, where)
+        perf.probe_step(model, batch, bf16=config.bf16)
+
+    was_training = model.training
+    model.train()
+    if config.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    try:
+        choice = decide_micro_batch(
+            config.global_batch_size,
+            world.world_size,
+            step,
+            budget,
+            device_type=device.kind,
+            agree=lambda m: min_over_ranks(m, device.torch_device),
+        )
+    except Exception as error:
+        if is_oom(error):
+            raise TrainingError(
+                f"{OOM_ADVICE} (microBatchSize auto: the smallest probed micro-batch did not fit "
+                f"at cutoffLen {config.cutoff_len}, gradientCheckpointing "
+                f"{config.gradient_checkpointing})"
+            ) from error
+        raise
+    finally:
+        model.train(was_training)
+        getattr(torch, device.kind).empty_cache()
+    if world.is_main:
+        gib = 2**30
+        log.info(
+            "microBatchSize auto: %d x accumulation %d (memory probe at cutoffLen %d, min over "
+            "%d rank(s); budget %.2f GiB = %.0f%% of %.2f GiB less %.2f GiB optimizer state and "
+            "gradients; measured peaks %s; globalBatchSize %d kept)",
+            choice.micro,
+            choice.accumulation,
+            config.cutoff_len,
+            world.world_size,
+            budget / gib,
+            MEMORY_FRACTION * 100,
+            total / gib,
+            reserve / gib,
+            ", ".join(f"{m}: {p / gib:.2f} GiB" for m, p in sorted(choice.peaks.items()))
+            or "none (a single candidate)",
+            config.global_batch_size,
+        )
+    return _with_micro(config, world, choice.micro)
 
 
 def init_distributed(device: DeviceInfo, world: World) -> None:
@@ -151,22 +336,47 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
     return TrainingArguments(**common, remove_unused_columns=False)
 
 
+def training_collator(
+    config: ResolvedConfig, device: DeviceInfo, tokenizer: Any
+) -> tuple[Any, Any]:
+    """(the collator the Trainer gets, the one it wraps): the second is what the probe uses."""
+    collator: Any = build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free)
+    if device.kind != "cuda":
+        return collator, collator
+    # issue 7: packed rows with a 4D block mask (no per-forward sync), tokens counted on the
+    # host. With auto, rows of up to AUTO_ROW_TOKENS (as measured), else one row.
+    if config.padding_free:
+        collator = perf.PackingCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=64,
+            row_tokens=max(AUTO_ROW_TOKENS, config.cutoff_len)
+            if config.micro_batch_size == "auto"
+            else None,
+        )
+    return perf.HostTokenCounter(collator), collator
+
+
+def _datasets(config: ResolvedConfig, tokenizer: Any, args: Any) -> tuple[Any, Any]:
+    # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
+    with args.main_process_first(local=False, desc="tokenizing the data set"):
+        return build_datasets(config, tokenizer)
+
+
 def build_trainer(
     config: ResolvedConfig, device: DeviceInfo, world: World, callbacks: list[Any]
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, ResolvedConfig]:
+    """The Trainer, the tokenizer, and the config as trained (`auto` resolved by the probe)."""
     from transformers import set_seed
 
     # Before the model: the LoRA A matrices are drawn at random, and every rank (and every
     # restart) must draw the same ones. The Trainer seeds only once it is built.
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
-    args = training_arguments(config, device, world)
-    # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
-    with args.main_process_first(local=False, desc="tokenizing the data set"):
-        train_data, eval_data = build_datasets(config, tokenizer)
     if config.method is Method.DPO:
         from trl.trainer.dpo_trainer import DPOTrainer
 
+        args = training_arguments(config, device, world)
+        train_data, eval_data = _datasets(config, tokenizer, args)
         # LoRA adapter on the (optionally 4-bit) base; the reference is the base with the
         # adapter switched off, so no second model is held in memory.
         base = prepare_model(config, device)
@@ -179,23 +389,24 @@ def build_trainer(
             peft_config=lora_config(config),
             callbacks=callbacks,
         )
-        return trainer, tokenizer
+        return trainer, tokenizer, config
     from transformers import Trainer
 
+    # The model comes before the data and the arguments: `microBatchSize: auto` is measured
+    # on it (probe_micro_batch) and the arguments carry the chosen size.
     model = prepare_model(config, device)
-    collator: Any = build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free)
     if device.kind == "cuda":
-        # issue 7: compiled decoder layers + Liger's fused linear cross-entropy, packed rows
-        # with a 4D block mask (no per-forward sync), tokens counted on the host.
+        # issue 7: compiled decoder layers + Liger's fused linear cross-entropy.
         model = perf.optimize_model(
             model, perf.PerfOptions.for_device(device.kind, config.fused_kernels)
         )
-        if config.padding_free:
-            collator = perf.PackingCollator(
-                pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=64
-            )
-        collator = perf.HostTokenCounter(collator)
+    collator, inner = training_collator(config, device, tokenizer)
+    if isinstance(collator, perf.HostTokenCounter):
         callbacks = [*callbacks, collator.callback(world.world_size)]
+    if probes_memory(config, device):
+        config = probe_micro_batch(config, device, world, model, inner)
+    args = training_arguments(config, device, world)
+    train_data, eval_data = _datasets(config, tokenizer, args)
     trainer = Trainer(
         model=model,
         args=args,
@@ -205,7 +416,20 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    return trainer, tokenizer
+    return trainer, tokenizer, config
+
+
+def announce(config: ResolvedConfig, device: DeviceInfo, world: World) -> None:
+    """Check the batch rule and log every effective hyperparameter (rank 0)."""
+    check_batch_rule(config, world)
+    if world.is_main:
+        log.info(
+            "finetune-train: %s on %d process(es), backend %s\n%s",
+            config.method.value,
+            world.world_size,
+            device.backend,
+            format_table(config),
+        )
 
 
 def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
@@ -224,17 +448,15 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
         world.local_world_size,
         os.environ.get("FINETUNE_DIST_BACKEND"),
     )
-    config = resolve_auto_micro_batch(reconcile_world(config, world), world)
-    check_batch_rule(config, world)
+    config = reconcile_world(config, world)
+    auto = config.micro_batch_size == "auto"
+    how = "probe" if probes_memory(config, device) else "rule"
+    if auto and how == "rule":
+        config = rule_micro_batch(config, world, device)
     if world.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        log.info(
-            "finetune-train: %s on %d process(es), backend %s\n%s",
-            config.method.value,
-            world.world_size,
-            device.backend,
-            format_table(config),
-        )
+    if config.micro_batch_size != "auto":
+        announce(config, device, world)
     init_distributed(device, world)
 
     patcher = None
@@ -243,7 +465,21 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
         patcher = StatusPatcher(job, os.environ.get("FINETUNE_JOB_NAMESPACE", "default"))
     progress = ProgressCallback(output, patcher)
     callbacks = [progress, CheckpointMarker(progress.on_checkpoint_complete), *_test_hooks()]
-    trainer, tokenizer = build_trainer(config, device, world, callbacks)
+    probed = config.micro_batch_size == "auto"
+    trainer, tokenizer, config = build_trainer(config, device, world, callbacks)
+    if probed:  # now measured: the table shows the chosen micro-batch and accumulation
+        announce(config, device, world)
+    if auto and world.is_main:
+        progress.event(
+            {
+                "event": "microBatchSize",
+                "how": how,
+                "microBatchSize": config.micro_batch_size,
+                "gradientAccumulationSteps": config.gradient_accumulation_steps,
+                "globalBatchSize": config.global_batch_size,
+                "worldSize": world.world_size,
+            }
+        )
     trainer.remove_callback(PrinterCallback)  # progress prints JSON lines instead
     resume = latest_complete_checkpoint(output)
     if world.is_main:
