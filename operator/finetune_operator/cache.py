@@ -91,6 +91,7 @@ _POD_METADATA = (
     "annotations",
     "ownerReferences",
     "deletionTimestamp",
+    "deletionGracePeriodSeconds",
     "resourceVersion",
 )
 _CONDITION_FIELDS = ("type", "status", "reason", "message")

@@ -67,6 +67,8 @@ Obj = dict[str, Any]
 
 # Seconds between looks at a job that is waiting for something the watches may not report.
 SHORT_REQUEUE = 2.0
+# How long the reconciler remembers that it resumed a Job suspended by hand.
+RESUMED_MEMORY_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -472,6 +474,17 @@ class Reconciler:
     identity: str = "finetune-operator"
     replace_grace_seconds: float = 120.0
     _pass: threading.local = field(default_factory=threading.local, repr=False)
+    # Job uid -> when we resumed it (a suspend made by hand, undone): see _stopped_by_suspend.
+    _resumed: dict[str, datetime] = field(default_factory=dict, repr=False)
+    _resumed_guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _note_resumed(self, uid: str) -> None:
+        now = _now()
+        with self._resumed_guard:
+            self._resumed[uid] = now
+            for old, at in list(self._resumed.items()):
+                if (now - at).total_seconds() > RESUMED_MEMORY_SECONDS:
+                    del self._resumed[old]
 
     def reconcile_named(self, namespace: str, name: str) -> float | None:
         """Bring one FinetuneJob's objects and status in line. Returns seconds to look again
@@ -555,10 +568,11 @@ class Reconciler:
         job = job_view(live_job) if live_job else None
         pods: tuple[WorkerPod, ...] = ()
         if job is not None:
+            resumed = self._resumed.get(job.uid)
             pods = tuple(
                 pod_view(p)
                 for p in sorted(self.store.pods_of(namespace, name), key=_name)
-                if _owned_by(p, job.uid)
+                if _owned_by(p, job.uid) and not _stopped_by_suspend(p, resumed)
             )
         service = self.store.get("v1", "Service", namespace, names.service)
 
@@ -702,6 +716,10 @@ class Reconciler:
                 if answer is not None:
                     self._seen(answer)
                     log.info("%s/%s applied Job %s", namespace, name, names.workers)
+                    if (live_job.get("spec") or {}).get("suspend") and not job["spec"].get(
+                        "suspend"
+                    ):
+                        self._note_resumed(live_job["metadata"]["uid"])
         if decided.cleanup:
             answer = self.kube.delete(
                 "batch/v1", "Job", namespace, names.workers, propagation="Background"
@@ -710,6 +728,18 @@ class Reconciler:
             answer = self.kube.delete("v1", "Service", namespace, names.service)
             self._deleted("v1", "Service", namespace, names.service, answer)
             log.info("%s/%s TTL passed: deleted the worker Job and Service", namespace, name)
+
+
+def _stopped_by_suspend(pod: Mapping[str, Any], resumed: datetime | None) -> bool:
+    """A pod whose deletion was asked before we resumed its suspended Job: the Job controller
+    stopped it for the suspend (its Job status may not say Suspended yet). It is going away
+    and is no worker failure."""
+    metadata = pod.get("metadata") or {}
+    deleting = parse_time(metadata.get("deletionTimestamp"))
+    if resumed is None or deleting is None:
+        return False
+    asked = deleting - timedelta(seconds=int(metadata.get("deletionGracePeriodSeconds") or 0))
+    return asked <= resumed + timedelta(seconds=1)  # timestamps have whole seconds
 
 
 def _name(obj: Mapping[str, Any]) -> str:

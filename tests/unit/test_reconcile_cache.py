@@ -10,6 +10,7 @@ import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote
 
@@ -213,3 +214,49 @@ def test_a_job_gone_from_the_store_is_left_alone(api: FakeApiKube) -> None:
     reconciler = Reconciler(kube=api, settings=OperatorSettings(), store=store)
     assert reconciler.reconcile_named("ns", "missing") is None
     assert api.requests == Counter()
+
+
+def settle(reconciler: Reconciler) -> None:
+    for _ in range(10):
+        if reconciler.reconcile_named("ns", "tiny") != 0.0:
+            return
+
+
+def test_pods_stopped_by_a_hand_made_suspend_are_no_failure(api: FakeApiKube) -> None:
+    """Someone suspends the worker Job by hand: the Job controller deletes its pods, the
+    operator resumes the Job (the spec says run). The pods going away then are not a worker
+    failure, even before the Job's status says Suspended."""
+    api.add(finetunejob())
+    store = Store()
+    fill(store, api, ["ns"])
+    reconciler = Reconciler(kube=api, settings=OperatorSettings(), store=store)
+    settle(reconciler)
+    job = store.get("batch/v1", "Job", "ns", "tiny-worker")
+    assert job is not None
+    suspended = api.add({**job, "spec": {**job["spec"], "suspend": True}})
+    store.observe("MODIFIED", suspended)
+    stopping = datetime.now(timezone.utc) + timedelta(seconds=30)
+    for index in range(2):
+        store.observe(
+            "MODIFIED",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"tiny-worker-{index}-x",
+                    "namespace": "ns",
+                    "resourceVersion": str(2000 + index),
+                    "labels": {"finetune.dev/job-name": "tiny"},
+                    "ownerReferences": [{"uid": job["metadata"]["uid"]}],
+                    "deletionTimestamp": stopping.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "deletionGracePeriodSeconds": 30,
+                },
+                "status": {"phase": "Running"},
+            },
+        )
+    api.requests.clear()
+    settle(reconciler)
+    assert api.requests["PATCH jobs"] == 1  # resumed
+    assert api.requests["DELETE jobs"] == 0  # no group restart
+    status = api.objects[("finetunejobs", "ns", "tiny")]["status"]
+    assert status["restarts"] == 0 and "lastFailure" not in status
