@@ -6,7 +6,9 @@
 #   graphs (4 GPUs, session 2) CUDA graphs at micro-batch 2 and DPO, one set per GPU at once:
 #          GPU 0 LoRA baseline, ours-graphs; GPU 1 QLoRA baseline, ours-graphs; GPU 2 DPO
 #          baseline (plain TRL), ours, ours-graphs; GPU 3 LoRA ours, ours-graphs-auto
-#   scale  (4 GPUs) DDP at 1, 2 and 4 GPUs, LoRA and QLoRA, auto micro-batch (issue 9)
+#   scale4 (4 GPUs) DDP at 4 GPUs, LoRA and QLoRA, auto micro-batch (issue 9)
+#   scale-long (4 GPUs) LoRA at 4 GPUs and 1 GPU with 8 timed steps each
+#   scale2 (4 GPUs) DDP at 2 GPUs and the 1-GPU points; a CUDA-graph diagnosis on GPU 3
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -61,12 +63,21 @@ phase=$2
       $B --gpu 3 --paths ours-graphs-auto --methods lora --steps 4 --run-timeout 200 ) > "$OUT/gpu3.log" 2>&1 &
     wait
     for g in 0 1 2 3; do echo "---- GPU $g"; grep -E "RESULT|^== |Error|FAILED|skipping cudagraphs" "$OUT/gpu$g.log" | head -20; done
-  elif [ "$phase" = scale ]; then
-    $B --paths ours-auto --methods lora,qlora --worlds 4,2 --steps 4 --run-timeout 140
-    ( $B --gpu 0 --paths ours-auto --methods lora --steps 4 --run-timeout 140 ) > "$OUT/gpu0.log" 2>&1 &
-    ( $B --gpu 1 --paths ours-auto --methods qlora --steps 4 --run-timeout 140 ) > "$OUT/gpu1.log" 2>&1 &
+  elif [ "$phase" = scale4 ]; then
+    $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
+  elif [ "$phase" = scale-long ]; then
+    # 8 timed steps instead of 3: is the 4-GPU efficiency real or step-to-step noise?
+    $B --paths ours-auto --methods lora --worlds 4 --steps 10 --warmup-steps 2 --tag long- --run-timeout 200
+    $B --gpu 0 --paths ours-auto --methods lora --steps 10 --warmup-steps 2 --tag long- --run-timeout 200
+  elif [ "$phase" = scale2 ]; then
+    # world 2 on GPUs 0-1 while the world-1 points run on GPU 2 and a CUDA-graph diagnosis on 3
+    ( CUDA_VISIBLE_DEVICES=0,1 $B --paths ours-auto --methods lora,qlora --worlds 2 --steps 4 --run-timeout 240 ) > "$OUT/gpu01.log" 2>&1 &
+    ( $B --gpu 2 --paths ours-auto --methods lora,qlora --steps 4 --run-timeout 240 ) > "$OUT/gpu2.log" 2>&1 &
+    ( export CUDA_VISIBLE_DEVICES=3 PYTHONFAULTHANDLER=1 TORCH_LOGS=cudagraphs
+      timeout 200 python3 benchmarks/train_throughput.py --child --out $R --tag diag- --path ours-graphs --method lora --layers 4 --steps 3 --examples 1024; echo "diag rc=$?"
+      timeout 150 python3 benchmarks/train_throughput.py --child --out $R --tag diag-nodrop- --path ours-graphs --method lora --layers 4 --steps 3 --examples 1024 --lora-dropout 0; echo "diag-nodrop rc=$?" ) > "$OUT/gpu3.log" 2>&1 &
     wait
-    for g in 0 1; do echo "---- GPU $g"; grep -E "RESULT|^== |Error|FAILED" "$OUT/gpu$g.log"; done
+    for f in gpu01 gpu2 gpu3; do echo "---- $f"; grep -E "RESULT|^== |Error|FAILED|rc=|Fatal|Segmentation|skipping" "$OUT/$f.log" | head -20; done
   else
     $B --paths ours --methods lora,qlora --worlds 2 --steps 4 --run-timeout 150
     $B --paths ours --methods lora --worlds 1 --torchrun --steps 4 --tag torchrun- --run-timeout 120

@@ -74,7 +74,9 @@ def perturb_lora_b(model: Any) -> None:
                 param.copy_(0.05 * torch.randn(param.shape, generator=g))
 
 
-def loss_and_grads(packed: bool, max_length: int | None = None) -> tuple[float, list[torch.Tensor]]:
+def loss_and_grads(
+    packed: bool, max_length: int | None = None, row_tokens: int = 4096
+) -> tuple[float, list[torch.Tensor]]:
     from datasets import Dataset
     from peft import LoraConfig
     from trl.trainer.dpo_config import DPOConfig
@@ -84,7 +86,9 @@ def loss_and_grads(packed: bool, max_length: int | None = None) -> tuple[float, 
 
     model = base_model()
     collator = (
-        PackedPreferenceCollator(pad_token_id=0, max_length=max_length, pad_to_multiple_of=8)
+        PackedPreferenceCollator(
+            pad_token_id=0, max_length=max_length, pad_to_multiple_of=8, row_tokens=row_tokens
+        )
         if packed
         else DataCollatorForPreference(pad_token_id=0, max_length=max_length)
     )
@@ -116,12 +120,14 @@ def loss_and_grads(packed: bool, max_length: int | None = None) -> tuple[float, 
     return float(loss.detach()), grads
 
 
-@pytest.mark.parametrize("max_length", [None, 24])
-def test_packed_dpo_matches_trl(max_length: int | None) -> None:
+@pytest.mark.parametrize(("max_length", "row_tokens"), [(None, 4096), (24, 4096), (None, 30)])
+def test_packed_dpo_matches_trl(max_length: int | None, row_tokens: int) -> None:
     """Same loss, same gradient as TRL's padded DPOTrainer (sigmoid loss, adapter-off
-    reference), with and without truncation."""
+    reference), with and without truncation, in one row or several."""
     loss_trl, grads_trl = loss_and_grads(packed=False, max_length=max_length)
-    loss_packed, grads_packed = loss_and_grads(packed=True, max_length=max_length)
+    loss_packed, grads_packed = loss_and_grads(
+        packed=True, max_length=max_length, row_tokens=row_tokens
+    )
     assert abs(loss_trl - 0.6931) > 1e-3  # policy != reference: a real margin
     assert abs(loss_packed - loss_trl) / abs(loss_trl) < TOL
     for a, b in zip(grads_packed, grads_trl, strict=True):
@@ -166,6 +172,10 @@ def test_packed_preference_collator_layout() -> None:
     mask = batch["attention_mask"][0, 0]
     assert mask[6, 5] and not mask[5, 4]  # inside sequence 2; never across sequences
     assert batch["sequence_ids"].tolist() == [0, 1, 2, 3]
+    rows = PackedPreferenceCollator(pad_to_multiple_of=8, row_tokens=9)(features)
+    # rows of at most 9 tokens: [c1 + c2] (8), [r1 + r2] (9), rounded up to 16
+    assert rows["input_ids"].shape == (2, 16)
+    assert rows["segments"][:, 0].tolist() == [0, 2] and rows["segments"][1, 4].item() == 3
 
 
 def test_stable_gradients_accumulate_in_place() -> None:

@@ -6,7 +6,7 @@ alpaca-like lengths a third or more of every forward is padding, and its loss co
 metrics back to the host several times per micro-batch. Here:
 
 * `PackedPreferenceCollator` lays the micro-batch's 2B sequences (chosen 1..B, then rejected
-  1..B, TRL's order) end to end in one row: position ids restart per sequence, a 4D
+  1..B, TRL's order) end to end in rows of at most `row_tokens`: position ids restart per sequence, a 4D
   block-diagonal causal mask keeps attention inside each sequence (`perf.block_causal_mask`),
   `labels` are the completion tokens, `segments` says which sequence each token belongs to.
   Truncation is TRL's default (`keep_start` to `max_length`, per sequence).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,20 +36,23 @@ from accelerate.utils import is_peft_model
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask
+from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask, pack_rows
 
 
 @dataclass
 class PackedPreferenceCollator:
-    """One packed row per micro-batch of preference pairs (see the module docstring).
+    """Packed rows per micro-batch of preference pairs (see the module docstring).
 
-    `pad_to_multiple_of` rounds the row up to a few widths (the compiled layers, and CUDA
-    graphs, see one shape per bucket); the pad tail is its own segment.
+    Sequences are laid in order into rows of at most `row_tokens` tokens (a sequence longer
+    than that gets a row of its own): attention over a row costs its width squared, so long
+    DPO sequences are not all packed into one row. `pad_to_multiple_of` rounds the row width
+    up to a few shapes (what the compiled layers see); each row's pad tail is its own segment.
     """
 
     pad_token_id: int = 0
     max_length: int | None = None
     pad_to_multiple_of: int = 64
+    row_tokens: int = 4096
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences: list[tuple[list[int], int]] = []  # (ids, prompt length), chosen then rejected
@@ -58,25 +62,30 @@ class PackedPreferenceCollator:
                 if self.max_length is not None:
                     ids = ids[: self.max_length]
                 sequences.append((ids, len(example["prompt_ids"])))
-        total = sum(len(ids) for ids, _ in sequences)
+        rows = pack_rows([len(ids) for ids, _ in sequences], max(self.row_tokens, 1))
+        longest = max(sum(len(sequences[i][0]) for i in row) for row in rows)
         multiple = max(self.pad_to_multiple_of, 1)
-        width = int(math.ceil(total / multiple) * multiple)
-        input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((1, width), dtype=torch.long)
-        segments = torch.full((1, width), -1, dtype=torch.long)
-        at = 0
-        for index, (ids, prompt_length) in enumerate(sequences):
-            length = len(ids)
-            tensor = torch.as_tensor(ids, dtype=torch.long)
-            input_ids[0, at : at + length] = tensor
-            # completion tokens only (the prompt, and the first token, are never predicted)
-            start = at + max(min(prompt_length, length), 1)
-            labels[0, start : at + length] = tensor[start - at :]
-            position_ids[0, at : at + length] = torch.arange(length)
-            segments[0, at : at + length] = index
-            at += length
-        position_ids[0, at:] = torch.arange(width - at)
+        width = int(math.ceil(longest / multiple) * multiple)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        segments = torch.full(shape, -1, dtype=torch.long)  # which sequence; -1: pad
+        for r, row in enumerate(rows):
+            at = 0
+            for index in row:
+                ids, prompt_length = sequences[index]
+                length = len(ids)
+                tensor = torch.as_tensor(ids, dtype=torch.long)
+                input_ids[r, at : at + length] = tensor
+                # completion tokens only (the prompt, and the first token, are never predicted)
+                start = at + max(min(prompt_length, length), 1)
+                labels[r, start : at + length] = tensor[start - at :]
+                position_ids[r, at : at + length] = torch.arange(length)
+                segments[r, at : at + length] = index
+                at += length
+            position_ids[r, at:] = torch.arange(width - at)
+        # the mask needs one id per segment within a row: pad (-1) is its own segment there
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,
@@ -145,7 +154,9 @@ class PackedDPOTrainer(DPOTrainer):
             ]
         )
         self._packed_stats[mode] = self._packed_stats.get(mode, torch.zeros_like(stats)) + stats
-        return (loss, {"margin": margin.detach()}) if return_outputs else loss
+        if return_outputs:  # evaluation: no logits to hand back (TRL's prediction_step)
+            return loss, SimpleNamespace(logits=None, margin=margin.detach())
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model is None or self.model.training else "eval"

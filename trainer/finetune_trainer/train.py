@@ -309,6 +309,11 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         # fused AdamW; Liger is applied by perf.optimize_model, as measured.
         common |= perf.training_argument_overrides(device.kind, config.optimizer)
         common["use_liger_kernel"] = False
+    elif device.kind == "cuda" and config.padding_free:
+        # packed DPO (packed_dpo) as measured: the same switches, no Liger (the packed loss
+        # needs per-token log-probs, not a mean cross-entropy)
+        common |= perf.training_argument_overrides(device.kind, config.optimizer)
+        common["use_liger_kernel"] = False
     if config.deepspeed_zero_stage is not None:
         if not importable("deepspeed"):
             raise TrainingError(
@@ -375,12 +380,18 @@ def build_trainer(
     if config.method is Method.DPO:
         from trl.trainer.dpo_trainer import DPOTrainer
 
+        from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
+
         args = training_arguments(config, device, world)
         train_data, eval_data = _datasets(config, tokenizer, args)
         # LoRA adapter on the (optionally 4-bit) base; the reference is the base with the
         # adapter switched off, so no second model is held in memory.
         base = prepare_model(config, device)
-        trainer: Any = DPOTrainer(
+        # paddingFree: packed rows and TRL's loss without its per-micro-batch host reads
+        # (packed_dpo; exact, 1.46x plain TRL on an H200, benchmarks/README.md).
+        assert config.dpo is not None
+        packed = config.padding_free
+        trainer: Any = (PackedDPOTrainer if packed else DPOTrainer)(
             model=base,
             args=args,
             train_dataset=train_data,
@@ -388,6 +399,13 @@ def build_trainer(
             processing_class=tokenizer,
             peft_config=lora_config(config),
             callbacks=callbacks,
+            data_collator=PackedPreferenceCollator(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=config.dpo.max_length,
+                row_tokens=max(4096, config.dpo.max_length),
+            )
+            if packed
+            else None,
         )
         return trainer, tokenizer, config
     from transformers import Trainer
