@@ -1,7 +1,7 @@
 """Performance switches for the trainer, as library calls (issue 7).
 
 Each switch is exact (same loss and gradient up to bf16 rounding) unless its doc says otherwise.
-The trainer (train.py) adopts them like this (alpaca methods; DPO untouched):
+The trainer (train.py) adopts them like this (alpaca methods; DPO: `packed_dpo`):
 
     # training_arguments(): after `common` is built
     common |= perf.training_argument_overrides(device.kind, config.optimizer)
@@ -217,6 +217,7 @@ class PerfOptions:
     # CUDA graphs over the compiled layers (inductor's "reduce-overhead"): each layer's forward
     # and backward replay as one graph per row length (the collator's buckets), so the ~5,000
     # launches of a micro-batch become ~2 graph launches per layer. Needs compile_layers.
+    # Off: on torch 2.11 / an H200 it crashed in the compiled backward (benchmarks/README.md).
     cuda_graphs: bool = False
 
     @classmethod
