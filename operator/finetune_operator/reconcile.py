@@ -680,8 +680,13 @@ class Reconciler:
                 propagation="Foreground",
             )
             self._deleted("batch/v1", "Job", namespace, names.workers, answer)
+            failure = decided.status.get("lastFailure") or {}
             log.info(
-                "%s/%s replacing the worker group (Job uid %s)", namespace, name, decided.delete_job
+                "%s/%s replacing the worker group (Job uid %s): %s",
+                namespace,
+                name,
+                decided.delete_job,
+                failure.get("message") or "spec changed",
             )
         elif decided.orphan_job:
             # Same DELETE, orphan propagation: the Job goes now, its stuck pods stay behind
