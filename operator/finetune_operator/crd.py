@@ -239,7 +239,7 @@ def crd() -> Schema:
                                     "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                                     "message": f"metadata.name must be at most {MAX_NAME_LENGTH} "
                                     "characters: it prefixes the worker pods' hostnames",
-                                }
+                                },
                             ],
                             "properties": {
                                 "apiVersion": {"type": "string"},

@@ -317,7 +317,16 @@ def plan(i: Inputs) -> Plan:
         result.requeue_after = SHORT_REQUEUE
         return finish()
 
-    if job is not None and not job.complete and (job.failed or (broken and not job.suspended)):
+    # Training is over once every index has a Succeeded pod, whatever the Job says yet (its
+    # controller may be down, or not caught up): a pod lost after that restarts nothing.
+    training_done = job is not None and (
+        job.complete
+        or (
+            job.template_hash == i.template_hash
+            and set(range(resolved.workers)) <= {p.index for p in pods if p.phase == "Succeeded"}
+        )
+    )
+    if job is not None and not training_done and (job.failed or (broken and not job.suspended)):
         what = (
             broken.describe()
             if broken
@@ -374,7 +383,7 @@ def plan(i: Inputs) -> Plan:
         )
         return finish()
 
-    if job is not None and job.complete:
+    if job is not None and training_done:
         status["phase"] = Phase.SUCCEEDED.value
         status["completionTime"] = job.completion_time or timestamp(now)
         no_failure()

@@ -155,6 +155,7 @@ def job_view(job: Mapping[str, Any]) -> WorkerJob:
         return (conditions.get(kind) or {}).get("status") == "True"
 
     failed = conditions.get("Failed") or {}
+    completions = spec.get("completions")
     world = annotations.get(WORLD_SIZE_ANNOTATION)
     return WorkerJob(
         uid=metadata.get("uid", ""),
@@ -165,7 +166,12 @@ def job_view(job: Mapping[str, Any]) -> WorkerJob:
         # after a hand-made suspend), the pods that suspend stopped are still going and are
         # no worker failure.
         suspended=bool(spec.get("suspend")) or true("Suspended"),
-        complete=true("Complete"),
+        # Every index succeeded is the end of training even before the Job controller writes
+        # Complete (it first waits for the pods' tracking finalizers to go, and may itself be
+        # restarting): a pod lost after that moment must not restart a finished group.
+        complete=true("Complete")
+        or true("SuccessCriteriaMet")
+        or (completions is not None and int(status.get("succeeded") or 0) >= int(completions)),
         failed=true("Failed"),
         deleting=bool(metadata.get("deletionTimestamp")),
         failure_reason=failed.get("reason") if true("Failed") else None,

@@ -252,6 +252,32 @@ def test_completed_job_succeeds() -> None:
     assert reasons(result) == ["Finished", "TrainingComplete"]
 
 
+def test_a_pod_lost_after_every_worker_succeeded_restarts_nothing() -> None:
+    # Training is over (every index succeeded) when a pod goes: e.g. the API server came back
+    # and the Job controller has not written Complete yet. Restarting would redo the run.
+    gone = WorkerPod(
+        name="j-worker-0-x", index=0, phase="Running", ready=False, deleting=True, node="n1"
+    )
+    done = pod(1, phase="Succeeded", ready=False)
+    result = plan(inputs(status=running_status(), worker_job=job(complete=True), pods=(gone, done)))
+    assert result.delete_job is None and result.status["restarts"] == 0
+    assert result.status["phase"] == "Succeeded"
+
+
+def test_every_index_succeeded_is_success_before_the_job_says_so() -> None:
+    # The Job controller was down when the last worker finished; then a finished pod goes.
+    gone = WorkerPod(
+        name="j-worker-0-y", index=0, phase="Running", ready=False, deleting=True, node="n1"
+    )
+    done = (pod(0, phase="Succeeded", ready=False), pod(1, phase="Succeeded", ready=False))
+    result = plan(inputs(status=running_status(), worker_job=job(), pods=(gone, *done)))
+    assert result.delete_job is None and result.status["restarts"] == 0
+    assert result.status["phase"] == "Succeeded"
+    # One index short is no success: the lost pod restarts the group.
+    short = plan(inputs(status=running_status(), worker_job=job(), pods=(gone, done[1])))
+    assert short.delete_job == "job-1"
+
+
 @pytest.mark.parametrize(
     ("after", "job_left", "cleanup", "requeue"),
     [

@@ -146,6 +146,27 @@ def test_job_view() -> None:
 
 
 @pytest.mark.parametrize(
+    "status",
+    [
+        {"conditions": [{"type": "Complete", "status": "True"}]},
+        # Every index succeeded, before the Job controller writes Complete:
+        {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]},
+        {"succeeded": 2},
+    ],
+)
+def test_job_view_counts_every_index_succeeded_as_complete(status: dict[str, object]) -> None:
+    view = job_view({"metadata": {"uid": "u"}, "spec": {"completions": 2}, "status": status})
+    assert view.complete
+
+
+def test_job_view_some_indexes_succeeded_is_not_complete() -> None:
+    view = job_view(
+        {"metadata": {"uid": "u"}, "spec": {"completions": 2}, "status": {"succeeded": 1}}
+    )
+    assert not view.complete
+
+
+@pytest.mark.parametrize(
     ("ready_flags", "summary"),
     [([], "0/2"), ([True], "1/2"), ([True, False], "1/2"), ([True, True], "2/2")],
 )
