@@ -9,6 +9,7 @@
 #   scale4 (4 GPUs) DDP at 4 GPUs, LoRA and QLoRA, auto micro-batch (issue 9)
 #   scale-long (4 GPUs) LoRA at 4 GPUs and 1 GPU with 8 timed steps each
 #   scale2 (4 GPUs) DDP at 2 GPUs and the 1-GPU points; a CUDA-graph diagnosis on GPU 3
+#   hgraphs (1 GPU, session 3) hand-captured CUDA graphs: GPU test, LoRA/QLoRA at micro-batch 2
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -63,6 +64,13 @@ phase=$2
       $B --gpu 3 --paths ours-graphs-auto --methods lora --steps 4 --run-timeout 200 ) > "$OUT/gpu3.log" 2>&1 &
     wait
     for g in 0 1 2 3; do echo "---- GPU $g"; grep -E "RESULT|^== |Error|FAILED|skipping cudagraphs" "$OUT/gpu$g.log" | head -20; done
+  elif [ "$phase" = hgraphs ]; then
+    # (1 GPU, session 3) hand-captured CUDA graphs: the GPU test of their math, then micro-batch
+    # 2 against the baseline in the same call (host noise), rows rounded up to 128 tokens
+    [ -z "${SKIP_TESTS:-}" ] && PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/trainer/test_cuda_graphs.py 2>&1 | grep -v Warning | tail -40
+    BENCH_GRAPHS_NO_AUTOCAST=1 $B --paths ours-graphs --methods lora --steps ${STEPS:-5} --warmup-steps 2 --bucket 128 --run-timeout 150 ${EXTRA:-}
+    [ -n "${WITH_QLORA:-}" ] && BENCH_GRAPHS_NO_AUTOCAST=1 $B --paths ours-graphs --methods qlora --steps 5 --warmup-steps 2 --bucket 128 --run-timeout 150
+    [ -n "${WITH_BASELINE:-}" ] && $B --paths baseline --methods lora,qlora --baseline-steps 2 --run-timeout 130
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

@@ -18,7 +18,8 @@ max_grad_norm 1, seed 42, transformers Trainer (same sampler: the same examples 
   ours-eager   ours without compile and without Liger (packing + args only)
   ours-liger   ours without compile, with Liger RMSNorm/SwiGLU/RoPE/FLCE
   ours-auto    ours with microBatchSize auto (perf.auto_micro_batch), rows of 1024 tokens.
-  ours-graphs  ours with CUDA graphs over the compiled layers (perf.PerfOptions.cuda_graphs,
+  ours-graphs  ours with the decoder layers eager and replayed as CUDA graphs captured by hand
+               (perf.PerfOptions.cuda_graphs: finetune_trainer.cuda_graphs,
                perf.StableGradients), rows rounded up to --bucket tokens.
   ours-graphs-auto  ours-graphs with microBatchSize auto.
 
@@ -398,7 +399,7 @@ def child(args: argparse.Namespace) -> None:
             compile_layers=compiled and full_path and (cuda or path == "ours"),
             liger_loss=liger and (full_path or path == "ours-liger"),
             liger_layers=liger and path == "ours-liger",
-            cuda_graphs=graphs and compiled,
+            cuda_graphs=graphs,
         )
         perf.optimize_model(model, options)
         if options.cuda_graphs:
@@ -445,6 +446,11 @@ def child(args: argparse.Namespace) -> None:
     )
     if ours:
         kwargs |= perf.training_argument_overrides(device.type if cuda else "cpu", "adamw_torch")
+    if graphs and os.environ.get("BENCH_GRAPHS_NO_AUTOCAST"):
+        # the base weights are bf16 already; without Trainer's autocast the LoRA matmuls run
+        # in fp32 (their parameters' dtype): the CUDA-graph capture fails under autocast on
+        # torch 2.11 (tests/trainer/test_cuda_graphs.py)
+        kwargs["bf16"] = False
     targs = TrainingArguments(**kwargs)
     _ = targs.device  # initialises the process group under torchrun
     probe: dict[str, Any] = {}
@@ -687,6 +693,17 @@ def train_and_report(
     trainer.train()
     total_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    from finetune_trainer import cuda_graphs, perf
+
+    graphed = next(
+        (g for g in map(cuda_graphs.installed, perf.decoder_layers(trainer.model)) if g), None
+    )
+    if graphed is not None and rank == 0:
+        print(
+            f"cuda graphs: {len(graphed.sets)} sets {sorted(k[0] for k in graphed.sets)}, "
+            f"{graphed.replays} graphed and {graphed.eager_calls} eager model forwards",
+            flush=True,
+        )
     timed = [
         s
         for s in recorder.steps

@@ -214,10 +214,11 @@ class PerfOptions:
     compile_layers: bool = True
     liger_loss: bool = True  # Liger's fused linear cross-entropy (CUDA/XPU, needs liger_kernel)
     liger_layers: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (used when compile_layers is off)
-    # CUDA graphs over the compiled layers (inductor's "reduce-overhead"): each layer's forward
-    # and backward replay as one graph per row length (the collator's buckets), so the ~5,000
-    # launches of a micro-batch become ~2 graph launches per layer. Needs compile_layers.
-    # Off: on torch 2.11 / an H200 it crashed in the compiled backward (benchmarks/README.md).
+    # CUDA graphs over the decoder layers, captured by hand per row width (cuda_graphs.py).
+    # Takes the place of compile_layers (the layers stay eager; torch.compile's own CUDA graphs
+    # crashed in the compiled backward on torch 2.11). Needs StableGradients as a callback and,
+    # on torch 2.11, no autocast. Off: measured no faster than the plain recipe at micro-batch
+    # 2 on an H200 (benchmarks/README.md, third session).
     cuda_graphs: bool = False
 
     @classmethod
@@ -290,35 +291,15 @@ def apply_liger(model: Any, layers: bool, loss: bool) -> bool:
     return True
 
 
-def compile_decoder_layers(
-    model: Any, dynamic: bool | None = True, cuda_graphs: bool = False
-) -> int:
-    """Regional torch.compile: each decoder layer compiled in place (one graph for all).
-
-    `cuda_graphs`: mode "reduce-overhead" (CUDA graph trees). With dynamic lengths inductor
-    compiles once and records one graph per distinct row length, which is why the collator
-    rounds rows up to a few bucket widths (`pad_to_multiple_of`).
-    """
+def compile_decoder_layers(model: Any, dynamic: bool | None = True) -> int:
+    """Regional torch.compile: each decoder layer compiled in place (one graph for all)."""
     import torch._dynamo
 
     # every layer module is its own guard target; leave room for the length buckets too
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     layers = decoder_layers(model)
-    mode = "reduce-overhead" if cuda_graphs else None
-    if cuda_graphs:
-        import torch._inductor.config as inductor
-
-        # One compiled layer serves all layers; its graph is recorded once per layer (each has
-        # its own weights) and bucket width, which is many more than the default limits expect.
-        triton = inductor.triton
-        if hasattr(triton, "cudagraph_unexpected_rerecord_limit"):
-            triton.cudagraph_unexpected_rerecord_limit = max(
-                triton.cudagraph_unexpected_rerecord_limit, 8 * len(layers) * 64
-            )
-        if hasattr(triton, "cudagraph_dynamic_shape_warn_limit"):
-            triton.cudagraph_dynamic_shape_warn_limit = None
     for layer in layers:
-        layer.compile(dynamic=dynamic, mode=mode)
+        layer.compile(dynamic=dynamic)
     return len(layers)
 
 
@@ -329,11 +310,14 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
         model, layers=options.liger_layers and not options.compile_layers, loss=options.liger_loss
     ):
         applied.append("liger")
-    if options.compile_layers:
-        count = compile_decoder_layers(model, cuda_graphs=options.cuda_graphs)
-        applied.append(
-            f"compiled {count} decoder layers" + (" (CUDA graphs)" * options.cuda_graphs)
-        )
+    if options.cuda_graphs:
+        from finetune_trainer.cuda_graphs import GraphedLayers
+
+        graphed = GraphedLayers(decoder_layers(model))
+        applied.append(f"CUDA graphs over {len(graphed.layers)} decoder layers")
+    elif options.compile_layers:
+        count = compile_decoder_layers(model)
+        applied.append(f"compiled {count} decoder layers")
     log.info("perf: %s", ", ".join(applied) or "nothing applied")
     return model
 
@@ -341,7 +325,7 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
 class StableGradients:
     """Keeps every trainable parameter's `.grad` in one preallocated buffer, zeroed in place.
 
-    Why: under CUDA graphs (`cuda_graphs`) the compiled backward writes each gradient into
+    Why: under CUDA graphs (`cuda_graphs`) the graphed backward writes each gradient into
     graph-owned memory that the next replay overwrites. With `.grad` None, autograd's
     AccumulateGrad adopts that tensor as `.grad` (no copy), and the next micro-batch of the
     same optimizer step would overwrite the gradient accumulated so far. With a `.grad` already

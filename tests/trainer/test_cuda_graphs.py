@@ -1,0 +1,123 @@
+"""cuda_graphs.GraphedLayers keeps the math: on a CUDA device, a LoRA model whose decoder layers
+replay as hand-captured graphs gives the eager model's loss and accumulated gradients, over two
+row widths (two graph sets), repeated widths (replays), and after an optimizer step (the graphs
+must see the new LoRA weights). Run on the lent GPU (`pytest -m gpu`); skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from test_perf import examples, rel, tiny_llama
+
+from finetune_trainer import cuda_graphs, perf
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device"),
+]
+
+
+def lora(model: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]
+    )
+    peft_model = get_peft_model(model, config)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # non-zero B: the LoRA branch contributes from the first step
+            torch.nn.init.normal_(p, std=0.02)
+    return peft_model.train()
+
+
+def accumulate(model: Any, batches: list[dict[str, torch.Tensor]], bf16: bool) -> list[float]:
+    losses = []
+    for batch in batches:
+        on_device = {k: v.cuda() for k, v in batch.items()}
+        n_items = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = model(**on_device, num_items_in_batch=torch.tensor(n_items))
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+    return losses
+
+
+def test_eval_and_no_grad_stay_eager() -> None:
+    model = lora(tiny_llama().cuda())
+    perf.optimize_model(
+        model, perf.PerfOptions(compile_layers=False, liger_loss=False, cuda_graphs=True)
+    )
+    batch = {
+        k: v.cuda() for k, v in perf.PackingCollator(pad_to_multiple_of=32)(examples(2)).items()
+    }
+    with torch.no_grad():
+        model(**batch)
+    model.eval()
+    model(**batch)
+    layer = perf.decoder_layers(model)[0]
+    owner = cuda_graphs.installed(layer)
+    assert owner is not None and owner.sets == {} and owner.eager_calls == 2
+
+
+BF16_CAPTURE_FAILS = pytest.mark.xfail(
+    reason="torch 2.11 on the H200: the backward capture fails with a bf16 base under "
+    "autocast ('operation would make the legacy stream depend on a capturing blocking "
+    "stream', an AccumulateGrad node of another stream kept alive); fp32 passes. "
+    "benchmarks/README.md, session 3.",
+    strict=False,
+)
+
+
+@pytest.mark.parametrize(
+    ("bf16", "graphed_autocast"),
+    [
+        (False, False),
+        pytest.param(True, True, marks=BF16_CAPTURE_FAILS),
+        (True, False),
+    ],
+    ids=["fp32", "bf16-autocast", "bf16-base-no-autocast"],
+)
+def test_graphed_layers_same_loss_and_accumulated_grads(bf16: bool, graphed_autocast: bool) -> None:
+    # bf16: bf16 base weights and fp32 LoRA as in training; the eager reference runs under
+    # autocast (as Trainer's bf16 does), the graphed model with or without it
+    base = (tiny_llama().to(torch.bfloat16) if bf16 else tiny_llama()).cuda()
+    eager = lora(copy.deepcopy(base))
+    graphed = lora(base)
+    layers = perf.decoder_layers(graphed)
+    perf.optimize_model(
+        graphed, perf.PerfOptions(compile_layers=False, liger_loss=False, cuda_graphs=True)
+    )
+    stable = perf.StableGradients(graphed)
+    collate = perf.PackingCollator(pad_to_multiple_of=32)
+    batches = [collate(examples(2, seed=s)) for s in (11, 12, 13, 14)]
+    widths = {b["input_ids"].shape[1] for b in batches}
+    assert len(widths) >= 2, "the test needs two row widths"
+    tol = 2e-2 if bf16 else 1e-4
+    trainable = [p for p in eager.parameters() if p.requires_grad]
+    graph_params = [p for p in graphed.parameters() if p.requires_grad]
+    opt_e = torch.optim.SGD(trainable, lr=0.5)
+    opt_g = torch.optim.SGD(graph_params, lr=0.5)
+    for step in range(2):  # the second step runs on LoRA weights the first one changed
+        opt_e.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)
+        stable.attach()
+        loss_e = accumulate(eager, batches, bf16)
+        loss_g = accumulate(graphed, batches, graphed_autocast)
+        for a, b in zip(loss_g, loss_e, strict=True):
+            assert abs(a - b) / abs(b) < tol, (step, loss_g, loss_e)
+        worst = max(
+            rel(g.grad, e.grad)  # type: ignore[arg-type]
+            for g, e in zip(graph_params, trainable, strict=True)
+        )
+        assert worst < (5e-2 if bf16 else 1e-3), (step, worst)
+        opt_e.step()
+        opt_g.step()
+    # every micro-batch ran graphed: one set per width, no eager fallback
+    owner = cuda_graphs.installed(layers[0])
+    assert owner is not None
+    assert len(owner.sets) == len(widths) and owner.eager_calls == 0

@@ -1,0 +1,197 @@
+"""CUDA graphs over the decoder layers, captured by hand, one set per row-width bucket.
+
+Why: at micro-batch 2 (about 300 tokens) a training micro-batch is bound by kernel launches,
+not by the GPU: thousands of small kernels, each a few microseconds of host time. Replaying
+the layers' forward and backward as CUDA graphs removes that host time. torch.compile's own
+CUDA graphs (mode "reduce-overhead") crashed in the compiled backward on torch 2.11
+(benchmarks/README.md), so this captures the eager layers with
+`torch.cuda.make_graphed_callables`: the same kernels as eager, so the same math.
+
+How it stays exact:
+- the packing collator rounds each row up to a few widths (`pad_to_multiple_of`); pad tokens
+  are a segment of their own in the block mask and carry label -100, so they change neither
+  the loss nor any gradient. One graph set is captured per (shape, dtype) seen, up to
+  `max_sets`; anything else (eval, no_grad such as DPO's reference pass, a KV cache, more
+  shapes) runs eagerly;
+- the graphed layers run without autocast (see `_LayerCall`): the base weights are bf16 and
+  the LoRA matmuls run in fp32, their parameters' dtype. Losses agree with the autocast
+  path within bf16 rounding (tests/trainer/test_cuda_graphs.py, benchmarks/README.md);
+- `perf.StableGradients` must keep every `.grad` allocated: a graph's gradient outputs live
+  in graph memory that the next replay overwrites, and autograd adopts rather than copies an
+  incoming gradient when `.grad` is None.
+All sets share one memory pool: only one micro-batch's forward and backward run at a time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Key = tuple[Any, ...]
+
+
+class _LayerCall(torch.nn.Module):
+    """One decoder layer as a function of tensors only (what make_graphed_callables takes)."""
+
+    def __init__(self, layer: torch.nn.Module, eager: Callable[..., Any]) -> None:
+        super().__init__()
+        self.layer = layer  # registered, so the layer's trainable parameters are graph inputs
+        self.eager = eager
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *mask: Any):  # type: ignore[no-untyped-def]
+        # Without autocast: its casts of the fp32 LoRA weights tie their AccumulateGrad nodes
+        # to the stream of the first cast, and the backward capture then fails ("operation
+        # would make the legacy stream depend on a capturing blocking stream", torch 2.11).
+        # The base weights are bf16 already, so only the small LoRA matmuls change: they run
+        # in fp32, their parameters' dtype (more precise than autocast's bf16).
+        with torch.autocast("cuda", enabled=False):
+            out = self.eager(
+                hidden, attention_mask=mask[0] if mask else None, position_embeddings=(cos, sin)
+            )
+        return out[0] if isinstance(out, tuple) else out
+
+
+class GraphedLayers:
+    """Installs itself as each layer's `forward`; captures a graph set per new input shape."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module], max_sets: int = 8) -> None:
+        self.layers = list(layers)
+        self.eager = [layer.forward for layer in self.layers]
+        self.max_sets = max_sets
+        self.sets: dict[Key, list[Callable[..., torch.Tensor]]] = {}
+        self.returns_tuple: bool | None = None
+        self.pool = torch.cuda.graph_pool_handle()
+        self.eager_calls = 0  # model forwards (layer 0 calls) that ran eagerly, and graphed
+        self.replays = 0
+        for index, layer in enumerate(self.layers):
+            layer.forward = self._dispatcher(index)
+
+    def _dispatcher(self, index: int) -> Callable[..., Any]:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            graphs = self._graphs(index, hidden_states, args, kwargs)
+            if graphs is None:
+                if index == 0:
+                    self.eager_calls += 1
+                return self.eager[index](hidden_states, *args, **kwargs)
+            if index == 0:
+                self.replays += 1
+            cos, sin = kwargs["position_embeddings"]
+            mask = kwargs.get("attention_mask")
+            out = graphs[index](hidden_states, cos, sin, *(() if mask is None else (mask,)))
+            return (out,) if self.returns_tuple else out
+
+        forward.graphed_layers = self  # type: ignore[attr-defined]
+        return forward
+
+    def _graphs(
+        self, index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[Callable[..., torch.Tensor]] | None:
+        layer = self.layers[index]
+        position = kwargs.get("position_embeddings")
+        cached = any(
+            kwargs.get(k) is not None for k in ("cache", "past_key_values", "past_key_value")
+        )
+        if (
+            args
+            or not layer.training
+            or not torch.is_grad_enabled()
+            or not hidden.is_cuda
+            or position is None
+            or cached
+            or kwargs.get("use_cache")
+        ):
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            return None
+        key: Key = (
+            tuple(hidden.shape),
+            hidden.dtype,
+            hidden.requires_grad,
+            None if mask is None else (tuple(mask.shape), mask.dtype),
+            tuple(position[0].shape),
+            position[0].dtype,
+        )
+        graphs = self.sets.get(key)
+        if graphs is None and index == 0 and len(self.sets) < self.max_sets:
+            graphs = self._capture(key, hidden, position, mask)
+        return graphs
+
+    def _capture(
+        self,
+        key: Key,
+        hidden: torch.Tensor,
+        position: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+    ) -> list[Callable[..., torch.Tensor]] | None:
+        if not all(any(p.requires_grad for p in layer.parameters()) for layer in self.layers):
+            return None  # a frozen layer has no backward to capture: stay eager
+        calls = [
+            _LayerCall(layer, eager) for layer, eager in zip(self.layers, self.eager, strict=True)
+        ]
+        if self.returns_tuple is None:
+            with torch.no_grad():
+                probe = self.eager[0](hidden, attention_mask=mask, position_embeddings=position)
+            self.returns_tuple = isinstance(probe, tuple)
+        extra = () if mask is None else (mask.detach().clone(),)
+        cos, sin = (t.detach().clone() for t in position)
+        samples = tuple(
+            (
+                hidden.detach().clone().requires_grad_(hidden.requires_grad if i == 0 else True),
+                cos,
+                sin,
+                *extra,
+            )
+            for i in range(len(calls))
+        )
+        options: dict[str, Any] = {"pool": self.pool}
+        parameters = inspect.signature(torch.cuda.make_graphed_callables).parameters
+        if "capture_error_mode" in parameters:
+            # the data loader's pin-memory thread may allocate while we capture
+            options["capture_error_mode"] = "thread_local"
+        self._warm_up(calls, samples)
+        options["num_warmup_iters"] = 0
+        before = torch.cuda.memory_allocated()
+        # make_graphed_callables refuses autocast's weight cache (and the layers run without it)
+        with torch.autocast("cuda", enabled=False):
+            graphed = torch.cuda.make_graphed_callables(tuple(calls), samples, **options)
+        self.sets[key] = [cast(Callable[..., torch.Tensor], g) for g in graphed]
+        log.info(
+            "cuda graphs: captured %d layers for input %s (set %d of at most %d, +%.0f MiB)",
+            len(calls),
+            key[0],
+            len(self.sets),
+            self.max_sets,
+            (torch.cuda.memory_allocated() - before) / 2**20,
+        )
+        return self.sets[key]
+
+    @staticmethod
+    def _warm_up(calls: Sequence[torch.nn.Module], samples: Sequence[tuple[Any, ...]]) -> None:
+        """Lazy CUDA set-up (cuBLAS handles, workspaces) out of the captures, done here rather
+        than by make_graphed_callables: torch 2.11 warms up on a stream of its own and keeps
+        the last warm-up graph alive, so the parameters' AccumulateGrad nodes belong to that
+        stream and the backward capture fails ("operation would make the legacy stream depend
+        on a capturing blocking stream"). Here: on the stream the captures use, nothing kept."""
+        torch.cuda.graph(torch.cuda.CUDAGraph())  # sets graph.default_capture_stream
+        stream = torch.cuda.graph.default_capture_stream or torch.cuda.current_stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(stream), torch.autocast("cuda", enabled=False):
+            for call, args in zip(calls, samples, strict=True):
+                for _ in range(2):
+                    out = call(*args)
+                    wrt = [t for t in (*args, *call.parameters()) if t.requires_grad]
+                    torch.autograd.grad(out, wrt, torch.zeros_like(out), allow_unused=True)
+                    del out
+        torch.cuda.synchronize()
+
+
+def installed(layer: torch.nn.Module) -> GraphedLayers | None:
+    """The GraphedLayers that serves `layer`, if any."""
+    return getattr(layer.forward, "graphed_layers", None)
