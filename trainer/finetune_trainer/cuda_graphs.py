@@ -1,11 +1,13 @@
 """CUDA graphs over the decoder layers, captured by hand, one set per row-width bucket.
 
-Why: at micro-batch 2 (about 300 tokens) a training micro-batch is bound by kernel launches,
-not by the GPU: thousands of small kernels, each a few microseconds of host time. Replaying
-the layers' forward and backward as CUDA graphs removes that host time. torch.compile's own
-CUDA graphs (mode "reduce-overhead") crashed in the compiled backward on torch 2.11
-(benchmarks/README.md), so this captures the eager layers with
-`torch.cuda.make_graphed_callables`: the same kernels as eager, so the same math.
+Why: at micro-batch 2 (about 300 tokens) a step issues thousands of small kernels per
+micro-batch, which looked launch-bound; replaying the layers' forward and backward as CUDA
+graphs removes their launch and Python time. torch.compile's own CUDA graphs (mode
+"reduce-overhead") crashed in the compiled backward on torch 2.11, so this captures the eager
+layers with `torch.cuda.make_graphed_callables`: the same kernels as eager, so the same math.
+Measured on an H200 (benchmarks/README.md, third session): every forward replayed, and the
+step was no faster than the plain recipe, so the layers' launches were not the bound. Off by
+default; kept, tested, for the profile that comes next.
 
 How it stays exact:
 - the packing collator rounds each row up to a few widths (`pad_to_multiple_of`); pad tokens
@@ -45,11 +47,11 @@ class _LayerCall(torch.nn.Module):
         self.eager = eager
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *mask: Any):  # type: ignore[no-untyped-def]
-        # Without autocast: its casts of the fp32 LoRA weights tie their AccumulateGrad nodes
-        # to the stream of the first cast, and the backward capture then fails ("operation
-        # would make the legacy stream depend on a capturing blocking stream", torch 2.11).
-        # The base weights are bf16 already, so only the small LoRA matmuls change: they run
-        # in fp32, their parameters' dtype (more precise than autocast's bf16).
+        # Without autocast: the base weights are bf16 already; the LoRA matmuls run in fp32,
+        # their parameters' dtype. On torch 2.11 the backward capture also fails when the
+        # caller runs under autocast ("operation would make the legacy stream depend on a
+        # capturing blocking stream"), so callers turn Trainer's bf16 autocast off
+        # (tests/trainer/test_cuda_graphs.py, benchmarks/train_throughput.py).
         with torch.autocast("cuda", enabled=False):
             out = self.eager(
                 hidden, attention_mask=mask[0] if mask else None, position_embeddings=(cos, sin)
@@ -175,10 +177,9 @@ class GraphedLayers:
     @staticmethod
     def _warm_up(calls: Sequence[torch.nn.Module], samples: Sequence[tuple[Any, ...]]) -> None:
         """Lazy CUDA set-up (cuBLAS handles, workspaces) out of the captures, done here rather
-        than by make_graphed_callables: torch 2.11 warms up on a stream of its own and keeps
-        the last warm-up graph alive, so the parameters' AccumulateGrad nodes belong to that
-        stream and the backward capture fails ("operation would make the legacy stream depend
-        on a capturing blocking stream"). Here: on the stream the captures use, nothing kept."""
+        than by make_graphed_callables: torch 2.11's own warm-up runs on a stream of its own
+        and keeps its last graph alive (its parameters' AccumulateGrad nodes then belong to
+        that stream). Here: on the stream the captures use, nothing kept."""
         torch.cuda.graph(torch.cuda.CUDAGraph())  # sets graph.default_capture_stream
         stream = torch.cuda.graph.default_capture_stream or torch.cuda.current_stream()
         torch.cuda.synchronize()
