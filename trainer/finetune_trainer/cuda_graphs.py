@@ -45,6 +45,7 @@ class _LayerCall(torch.nn.Module):
         super().__init__()
         self.layer = layer  # registered, so the layer's trainable parameters are graph inputs
         self.eager = eager
+        self.returned_tuple = False  # what the layer itself returns (transformers versions differ)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *mask: Any):  # type: ignore[no-untyped-def]
         # Without autocast: the base weights are bf16 already; the LoRA matmuls run in fp32,
@@ -56,7 +57,8 @@ class _LayerCall(torch.nn.Module):
             out = self.eager(
                 hidden, attention_mask=mask[0] if mask else None, position_embeddings=(cos, sin)
             )
-        return out[0] if isinstance(out, tuple) else out
+        self.returned_tuple = isinstance(out, tuple)
+        return out[0] if self.returned_tuple else out
 
 
 class GraphedLayers:
@@ -67,7 +69,7 @@ class GraphedLayers:
         self.eager = [layer.forward for layer in self.layers]
         self.max_sets = max_sets
         self.sets: dict[Key, list[Callable[..., torch.Tensor]]] = {}
-        self.returns_tuple: bool | None = None
+        self.returns_tuple = False
         self.pool = torch.cuda.graph_pool_handle()
         self.eager_calls = 0  # model forwards (layer 0 calls) that ran eagerly, and graphed
         self.replays = 0
@@ -137,10 +139,6 @@ class GraphedLayers:
         calls = [
             _LayerCall(layer, eager) for layer, eager in zip(self.layers, self.eager, strict=True)
         ]
-        if self.returns_tuple is None:
-            with torch.no_grad():
-                probe = self.eager[0](hidden, attention_mask=mask, position_embeddings=position)
-            self.returns_tuple = isinstance(probe, tuple)
         extra = () if mask is None else (mask.detach().clone(),)
         cos, sin = (t.detach().clone() for t in position)
         samples = tuple(
@@ -152,13 +150,12 @@ class GraphedLayers:
             )
             for i in range(len(calls))
         )
-        options: dict[str, Any] = {"pool": self.pool}
-        parameters = inspect.signature(torch.cuda.make_graphed_callables).parameters
-        if "capture_error_mode" in parameters:
+        self._warm_up(calls, samples)  # in place of make_graphed_callables' own
+        self.returns_tuple = calls[0].returned_tuple
+        options: dict[str, Any] = {"pool": self.pool, "num_warmup_iters": 0}
+        if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
             # the data loader's pin-memory thread may allocate while we capture
             options["capture_error_mode"] = "thread_local"
-        self._warm_up(calls, samples)
-        options["num_warmup_iters"] = 0
         before = torch.cuda.memory_allocated()
         # make_graphed_callables refuses autocast's weight cache (and the layers run without it)
         with torch.autocast("cuda", enabled=False):
