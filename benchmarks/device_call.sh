@@ -10,6 +10,11 @@
 #   scale-long (4 GPUs) LoRA at 4 GPUs and 1 GPU with 8 timed steps each
 #   scale2 (4 GPUs) DDP at 2 GPUs and the 1-GPU points; a CUDA-graph diagnosis on GPU 3
 #   hgraphs (1 GPU, session 3) hand-captured CUDA graphs: GPU test, LoRA/QLoRA at micro-batch 2
+#   hprofile (1 GPU, session 4) where a micro-batch-2 step goes: for ours-graphs, the baseline,
+#          ours-eager and ours, cProfile over one optimizer step (host Python time, GC pauses)
+#          and torch.profiler over 6 micro-batches of the next (GPU busy vs wall, top CPU ops)
+#   hgraphs2 (1 GPU, session 4) the graphs with every layer replayed: GPU test, LoRA under
+#          autocast (+ profile; without autocast if that fails), QLoRA, DPO, the baseline
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -71,6 +76,21 @@ phase=$2
     BENCH_GRAPHS_NO_AUTOCAST=1 $B --paths ours-graphs --methods lora --steps ${STEPS:-5} --warmup-steps 2 --bucket 128 --run-timeout 150 ${EXTRA:-}
     [ -n "${WITH_QLORA:-}" ] && BENCH_GRAPHS_NO_AUTOCAST=1 $B --paths ours-graphs --methods qlora --steps 5 --warmup-steps 2 --bucket 128 --run-timeout 150
     [ -n "${WITH_BASELINE:-}" ] && $B --paths baseline --methods lora,qlora --baseline-steps 2 --run-timeout 130
+  elif [ "$phase" = hprofile ]; then
+    C="timeout 200 python3 benchmarks/train_throughput.py --child --out $R --method lora --profile-micro-batches 6"
+    BENCH_GRAPHS_NO_AUTOCAST=1 $C --path ours-graphs --bucket 128 --steps 4 --warmup-steps 2 --cprofile-step 3 --profile-step 4
+    $C --path baseline --steps 3 --cprofile-step 2 --profile-step 3
+    $C --path ours-eager --steps 3 --cprofile-step 2 --profile-step 3
+    $C --path ours --steps 4 --warmup-steps 2 --cprofile-step 3 --profile-step 4
+  elif [ "$phase" = hgraphs2 ]; then
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }  # after every run: a later timeout keeps it
+    PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/trainer/test_cuda_graphs.py 2>&1 | grep -v Warning | tail -30
+    C="timeout 170 python3 benchmarks/train_throughput.py --child --out $R --bucket 128"
+    $C --path ours-graphs --method lora --steps 7 --warmup-steps 2 --cprofile-step 6 --profile-step 7 --profile-micro-batches 8; save
+    [ -f "$R/lora-ours-graphs-w1.json" ] || { BENCH_GRAPHS_NO_AUTOCAST=1 $C --tag noac- --path ours-graphs --method lora --steps 5 --warmup-steps 2; save; }
+    $C --path ours-graphs --method qlora --steps 5 --warmup-steps 2; save
+    timeout 60 python3 benchmarks/train_throughput.py --child --out $R --path baseline --method lora --steps 2; save
+    $C --path ours-graphs --method dpo --global-batch 16 --micro-batch 4 --examples 512 --bucket 256 --steps 6 --warmup-steps 2; save
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

@@ -264,6 +264,11 @@ class Recorder:
         self.logs: dict[int, dict[str, float]] = {}
         self.profile_step: int | None = None
         self.profiler: Any = None
+        self.cprofile_step: int | None = None
+        self.profile_micro_batches = 1 << 30
+        self.profiled_micro_batches = 0
+        self.profile_t0 = 0.0
+        self.cprofiler: Any = None
 
         class CB(TrainerCallback):
             def on_train_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -273,13 +278,18 @@ class Recorder:
 
             def on_step_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
                 if rec.profile_step is not None and state.global_step + 1 == rec.profile_step:
+                    rec.sync()
                     rec.start_profiler()
+                if rec.cprofile_step is not None and state.global_step + 1 == rec.cprofile_step:
+                    rec.start_cprofile()
 
             def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
                 rec.sync()
                 now = time.perf_counter()
                 if rec.profiler is not None:
                     rec.stop_profiler()
+                if rec.cprofiler is not None:
+                    rec.stop_cprofile(now - rec.last)
                 tokens, flops, examples = counter.tokens, counter.flops, counter.examples
                 rec.steps.append(
                     {
@@ -291,6 +301,14 @@ class Recorder:
                     }
                 )
                 rec.last, rec.mark = now, (tokens, flops, examples)
+
+            def on_substep_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+                # the profiler's cost grows with the events: a few micro-batches tell enough
+                if rec.profiler is not None:
+                    rec.profiled_micro_batches += 1
+                    if rec.profiled_micro_batches >= rec.profile_micro_batches:
+                        rec.sync()
+                        rec.stop_profiler()
 
             def on_log(self, a: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
                 if logs and "loss" in logs:
@@ -310,6 +328,9 @@ class Recorder:
     def start_profiler(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
+        self.profiled_micro_batches = 0
+        self.profile_t0 = time.perf_counter()
+
         acts = [ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
         )
@@ -317,9 +338,53 @@ class Recorder:
         self.profiler.__enter__()
 
     def stop_profiler(self) -> None:
+        wall_ms = (time.perf_counter() - self.profile_t0) * 1e3
         prof, self.profiler = self.profiler, None
         prof.__exit__(None, None, None)
-        self.profile_result = summarise_profile(prof, self.device)
+        self.profile_result = summarise_profile(prof, self.device) | {
+            "wall_ms": round(wall_ms, 1),
+            "micro_batches": self.profiled_micro_batches,
+        }
+
+    def start_cprofile(self) -> None:
+        """Python-level host time of one optimizer step (cProfile), and the GC pauses in it."""
+        import cProfile
+        import gc
+
+        self.gc_pauses: list[float] = []
+        self.gc_started = 0.0
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                self.gc_started = time.perf_counter()
+            else:
+                self.gc_pauses.append(time.perf_counter() - self.gc_started)
+
+        self.gc_callback = on_gc
+        gc.callbacks.append(on_gc)
+        self.cprofiler = cProfile.Profile()
+        self.cprofiler.enable()
+
+    def stop_cprofile(self, wall_s: float) -> None:
+        import gc
+        import io
+        import pstats
+
+        prof, self.cprofiler = self.cprofiler, None
+        prof.disable()
+        gc.callbacks.remove(self.gc_callback)
+        text = {}
+        for key, lines in (("tottime", 45), ("cumulative", 60)):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(lines)
+            text[key] = buf.getvalue().splitlines()
+        self.host_profile = {
+            "wall_ms": round(wall_s * 1e3, 1),
+            "gc_pauses": len(self.gc_pauses),
+            "gc_ms": round(sum(self.gc_pauses) * 1e3, 1),
+            "by_tottime": text["tottime"],
+            "by_cumulative": text["cumulative"],
+        }
 
 
 def summarise_profile(prof: Any, device: torch.device) -> dict[str, Any]:
@@ -355,7 +420,27 @@ def summarise_profile(prof: Any, device: torch.device) -> dict[str, Any]:
     for name, ms, _ in kernels:
         cats[category(name)] = cats.get(category(name), 0.0) + ms
     kernels.sort(key=lambda k: -k[1])
+    # GPU busy time: the union of the kernels' and copies' intervals (host-bound when far
+    # below the step's wall time)
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    cpu_ops = sorted(
+        (e for e in events if e.device_type.name == "CPU"),
+        key=lambda e: -e.self_cpu_time_total,
+    )
     return {
+        "gpu_busy_ms": round(busy / 1e3, 1),
+        "cpu_top_self": [
+            (e.key[:70], round(e.self_cpu_time_total / 1e3, 1), e.count) for e in cpu_ops[:30]
+        ],
         "gpu_ms_by_category": {
             k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])
         },
@@ -490,6 +575,8 @@ def child(args: argparse.Namespace) -> None:
     recorder = Recorder(counter, device)
     if args.profile_step and rank == 0:
         recorder.profile_step = args.profile_step
+    recorder.cprofile_step = args.cprofile_step
+    recorder.profile_micro_batches = args.profile_micro_batches or recorder.profile_micro_batches
     trainer = Trainer(
         model=model,
         args=targs,
@@ -498,6 +585,8 @@ def child(args: argparse.Namespace) -> None:
         processing_class=tokenizer,
         callbacks=[recorder.callback] + ([stable_grads.callback()] if stable_grads else []),
     )
+    if ours and not os.environ.get("BENCH_NO_TRIM"):
+        perf.trim_repeated_host_work(trainer)
     meta = {
         "micro_batch": micro,
         "accumulation": accumulation,
@@ -640,6 +729,8 @@ def child_dpo(args: argparse.Namespace) -> None:
     recorder = Recorder(counter, device)  # type: ignore[arg-type]
     if args.profile_step and rank == 0:
         recorder.profile_step = args.profile_step
+    recorder.cprofile_step = args.cprofile_step
+    recorder.profile_micro_batches = args.profile_micro_batches or recorder.profile_micro_batches
     trainer_class = PackedDPOTrainer if ours else DPOTrainer
     torch.manual_seed(42)  # the LoRA A matrices TRL draws: the same in both paths
     trainer = trainer_class(
@@ -656,6 +747,8 @@ def child_dpo(args: argparse.Namespace) -> None:
         if options.cuda_graphs:
             stable_grads = perf.StableGradients(trainer.model)
             trainer.add_callback(stable_grads.callback())
+    if ours and not os.environ.get("BENCH_NO_TRIM"):
+        perf.trim_repeated_host_work(trainer)
     meta = {
         "micro_batch": micro,
         "accumulation": accumulation,
@@ -701,14 +794,15 @@ def train_and_report(
     if graphed is not None and rank == 0:
         print(
             f"cuda graphs: {len(graphed.sets)} sets {sorted(k[0] for k in graphed.sets)}, "
-            f"{graphed.replays} graphed and {graphed.eager_calls} eager model forwards",
+            f"{graphed.replays} replayed and {graphed.eager_calls} eager layer calls",
             flush=True,
         )
     timed = [
         s
         for s in recorder.steps
-        if s["step"] > args.warmup_steps and s["step"] != args.profile_step
-    ]  # profiler slows its step
+        if s["step"] > args.warmup_steps
+        and s["step"] not in (args.profile_step, args.cprofile_step)
+    ]  # profilers slow their steps
     if world > 1:  # sum tokens/flops over ranks (each rank counted what it collated)
         for s in recorder.steps:
             t = torch.tensor(
@@ -745,6 +839,7 @@ def train_and_report(
             for v in recorder.logs.values()
         ),
         "profile": getattr(recorder, "profile_result", None),
+        "host_profile": getattr(recorder, "host_profile", None),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
     }
@@ -891,7 +986,14 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--tiny-cpu", action="store_true")
-    p.add_argument("--profile-step", type=int, default=None)
+    p.add_argument("--profile-step", type=int, default=None, help="torch.profiler over it")
+    p.add_argument(
+        "--profile-micro-batches",
+        type=int,
+        default=None,
+        help="torch.profiler: stop after this many micro-batches of the profiled step",
+    )
+    p.add_argument("--cprofile-step", type=int, default=None, help="cProfile over it (host)")
     p.add_argument("--run-timeout", type=int, default=900)
     p.add_argument("--tag", default="")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "raw"))

@@ -261,3 +261,33 @@ def test_trainer_uses_perf_on_cuda_only() -> None:
     cpu = training_arguments(config, DeviceInfo(kind="cpu", backend="gloo", local_rank=0), one)
     assert cpu.optim == "adamw_torch" and cpu.logging_nan_inf_filter
     assert cpu.include_num_input_tokens_seen == "non_padding"
+
+
+def test_trimmed_trainer_counts_the_same_flops_and_still_switches_modes(tmp_path: Any) -> None:
+    """trim_repeated_host_work: Trainer's FLOP count unchanged; train() skipped only when
+    every module already is in the mode asked for, so eval/train switches still happen."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = Trainer(model=model, args=args)
+    batch = perf.PackingCollator(pad_to_multiple_of=8)(examples(3))
+    expected = Trainer.floating_point_ops(trainer, batch)
+    assert expected > 0
+    perf.trim_repeated_host_work(trainer)
+    assert trainer.floating_point_ops(batch) == expected
+    assert trainer.floating_point_ops({"labels": batch["labels"]}) == 0
+
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()  # PeftModel.eval -> our train(False): the full walk
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    # one submodule switched behind the trimmed method's back is still seen
+    next(iter(model.base_model.model.model.layers)).eval()
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -5,9 +5,9 @@ micro-batch, which looked launch-bound; replaying the layers' forward and backwa
 graphs removes their launch and Python time. torch.compile's own CUDA graphs (mode
 "reduce-overhead") crashed in the compiled backward on torch 2.11, so this captures the eager
 layers with `torch.cuda.make_graphed_callables`: the same kernels as eager, so the same math.
-Measured on an H200 (benchmarks/README.md, third session): every forward replayed, and the
-step was no faster than the plain recipe, so the layers' launches were not the bound. Off by
-default; kept, tested, for the profile that comes next.
+Session 3 measured it "no faster" on an H200, but only layer 0 was replayed then: the
+set was keyed on each layer's own input (whose requires-grad differs past layer 0), and the
+replay counter counted model forwards. Session 4's profile found it (benchmarks/README.md).
 
 How it stays exact:
 - the packing collator rounds each row up to a few widths (`pad_to_multiple_of`); pad tokens
@@ -15,9 +15,9 @@ How it stays exact:
   the loss nor any gradient. One graph set is captured per (shape, dtype) seen, up to
   `max_sets`; anything else (eval, no_grad such as DPO's reference pass, a KV cache, more
   shapes) runs eagerly;
-- the graphed layers run without autocast (see `_LayerCall`): the base weights are bf16 and
-  the LoRA matmuls run in fp32, their parameters' dtype. Losses agree with the autocast
-  path within bf16 rounding (tests/trainer/test_cuda_graphs.py, benchmarks/README.md);
+- the graphed layers run under the autocast the caller had at capture (re-entered inside the
+  graph, without its weight cache), so the kernels are the eager path's; autocast is part of
+  the set's key;
 - `perf.StableGradients` must keep every `.grad` allocated: a graph's gradient outputs live
   in graph memory that the next replay overwrites, and autograd adopts rather than copies an
   incoming gradient when `.grad` is None.
@@ -41,19 +41,24 @@ Key = tuple[Any, ...]
 class _LayerCall(torch.nn.Module):
     """One decoder layer as a function of tensors only (what make_graphed_callables takes)."""
 
-    def __init__(self, layer: torch.nn.Module, eager: Callable[..., Any]) -> None:
+    def __init__(
+        self, layer: torch.nn.Module, eager: Callable[..., Any], autocast: torch.dtype | None
+    ) -> None:
         super().__init__()
         self.layer = layer  # registered, so the layer's trainable parameters are graph inputs
         self.eager = eager
+        self.autocast = autocast  # the caller's autocast dtype at capture, or None
         self.returned_tuple = False  # what the layer itself returns (transformers versions differ)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *mask: Any):  # type: ignore[no-untyped-def]
-        # Without autocast: the base weights are bf16 already; the LoRA matmuls run in fp32,
-        # their parameters' dtype. On torch 2.11 the backward capture also fails when the
-        # caller runs under autocast ("operation would make the legacy stream depend on a
-        # capturing blocking stream"), so callers turn Trainer's bf16 autocast off
-        # (tests/trainer/test_cuda_graphs.py, benchmarks/train_throughput.py).
-        with torch.autocast("cuda", enabled=False):
+        # The caller's autocast, re-entered inside the graph without its weight cache
+        # (make_graphed_callables refuses the cache: cached casts would outlive the capture).
+        with torch.autocast(
+            "cuda",
+            dtype=self.autocast or torch.bfloat16,
+            enabled=self.autocast is not None,
+            cache_enabled=False,
+        ):
             out = self.eager(
                 hidden, attention_mask=mask[0] if mask else None, position_embeddings=(cos, sin)
             )
@@ -71,20 +76,25 @@ class GraphedLayers:
         self.sets: dict[Key, list[Callable[..., torch.Tensor]]] = {}
         self.returns_tuple = False
         self.pool = torch.cuda.graph_pool_handle()
-        self.eager_calls = 0  # model forwards (layer 0 calls) that ran eagerly, and graphed
+        self.eager_calls = 0  # layer calls that ran eagerly, and that replayed a graph
         self.replays = 0
+        # Whether the model's first layer got an input that requires grad (a frozen embedding
+        # gives one that does not; every later layer's input does, through the adapters).
+        # It picks the graph set for the whole stack: keying each layer on its own input's
+        # flag would find no set past layer 0.
+        self.entry_requires_grad = False
         for index, layer in enumerate(self.layers):
             layer.forward = self._dispatcher(index)
 
     def _dispatcher(self, index: int) -> Callable[..., Any]:
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if index == 0:
+                self.entry_requires_grad = hidden_states.requires_grad
             graphs = self._graphs(index, hidden_states, args, kwargs)
             if graphs is None:
-                if index == 0:
-                    self.eager_calls += 1
+                self.eager_calls += 1
                 return self.eager[index](hidden_states, *args, **kwargs)
-            if index == 0:
-                self.replays += 1
+            self.replays += 1
             cos, sin = kwargs["position_embeddings"]
             mask = kwargs.get("attention_mask")
             out = graphs[index](hidden_states, cos, sin, *(() if mask is None else (mask,)))
@@ -109,15 +119,18 @@ class GraphedLayers:
             or position is None
             or cached
             or kwargs.get("use_cache")
+            or (index > 0 and not hidden.requires_grad)
         ):
             return None
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             return None
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key: Key = (
             tuple(hidden.shape),
             hidden.dtype,
-            hidden.requires_grad,
+            self.entry_requires_grad,
+            autocast,
             None if mask is None else (tuple(mask.shape), mask.dtype),
             tuple(position[0].shape),
             position[0].dtype,
@@ -136,14 +149,18 @@ class GraphedLayers:
     ) -> list[Callable[..., torch.Tensor]] | None:
         if not all(any(p.requires_grad for p in layer.parameters()) for layer in self.layers):
             return None  # a frozen layer has no backward to capture: stay eager
+        autocast = key[3]
         calls = [
-            _LayerCall(layer, eager) for layer, eager in zip(self.layers, self.eager, strict=True)
+            _LayerCall(layer, eager, autocast)
+            for layer, eager in zip(self.layers, self.eager, strict=True)
         ]
         extra = () if mask is None else (mask.detach().clone(),)
         cos, sin = (t.detach().clone() for t in position)
         samples = tuple(
             (
-                hidden.detach().clone().requires_grad_(hidden.requires_grad if i == 0 else True),
+                hidden.detach()
+                .clone()
+                .requires_grad_(self.entry_requires_grad if i == 0 else True),
                 cos,
                 sin,
                 *extra,

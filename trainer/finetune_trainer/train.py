@@ -407,7 +407,7 @@ def build_trainer(
             if packed
             else None,
         )
-        return trainer, tokenizer, config
+        return perf.trim_repeated_host_work(trainer), tokenizer, config
     from transformers import Trainer
 
     # The model comes before the data and the arguments: `microBatchSize: auto` is measured
@@ -434,7 +434,8 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    return trainer, tokenizer, config
+    # exact on every device: Trainer's per-micro-batch parameter count and module walk, once
+    return perf.trim_repeated_host_work(trainer), tokenizer, config
 
 
 def announce(config: ResolvedConfig, device: DeviceInfo, world: World) -> None:
