@@ -15,6 +15,9 @@
 #          and torch.profiler over 6 micro-batches of the next (GPU busy vs wall, top CPU ops)
 #   hgraphs2 (1 GPU, session 4) the graphs with every layer replayed: GPU test, LoRA under
 #          autocast (+ profile; without autocast if that fails), QLoRA, DPO, the baseline
+#   hgraphs3 (1 GPU, session 4) the whole stack as one graph: GPU test; LoRA eager layers
+#          (+ profile), + Liger layers without the fused CE (+ profile), the baseline; QLoRA
+#          the same and its baseline; LoRA with the layers compiled inside the graphs
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -91,6 +94,16 @@ phase=$2
     $C --path ours-graphs --method qlora --steps 5 --warmup-steps 2; save
     timeout 60 python3 benchmarks/train_throughput.py --child --out $R --path baseline --method lora --steps 2; save
     $C --path ours-graphs --method dpo --global-batch 16 --micro-batch 4 --examples 512 --bucket 256 --steps 6 --warmup-steps 2; save
+  elif [ "$phase" = hgraphs3 ]; then
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+    PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/trainer/test_cuda_graphs.py 2>&1 | grep -v Warning | tail -30
+    C="timeout 120 python3 benchmarks/train_throughput.py --child --out $R --bucket 128 --steps 7 --warmup-steps 2 --profile-step 7 --profile-micro-batches 8"
+    $C --path ours-graphs --method lora; save
+    BENCH_LIGER_LAYERS=1 BENCH_NO_LIGER_LOSS=1 $C --tag ligerl- --path ours-graphs --method lora; save
+    timeout 60 python3 benchmarks/train_throughput.py --child --out $R --path baseline --method lora --steps 2; save
+    BENCH_LIGER_LAYERS=1 BENCH_NO_LIGER_LOSS=1 $C --tag ligerl- --path ours-graphs --method qlora; save
+    timeout 75 python3 benchmarks/train_throughput.py --child --out $R --path baseline --method qlora --steps 2; save
+    BENCH_GRAPHS_COMPILE=1 timeout 200 python3 benchmarks/train_throughput.py --child --out $R --bucket 128 --steps 6 --warmup-steps 2 --profile-step 6 --profile-micro-batches 8 --tag compiled- --path ours-graphs --method lora; save
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

@@ -480,10 +480,20 @@ def child(args: argparse.Namespace) -> None:
     if ours:
         liger = cuda and not os.environ.get("BENCH_NO_LIGER")
         compiled = not os.environ.get("BENCH_NO_COMPILE") and (cuda or args.tiny_cpu)
+        # under CUDA graphs: the layers compiled inside them (BENCH_GRAPHS_COMPILE) or eager,
+        # with Liger's RMSNorm/SwiGLU/RoPE (BENCH_LIGER_LAYERS); BENCH_NO_LIGER_LOSS: the
+        # model's own loss (Liger's fused linear cross-entropy reads a count back each call)
+        inside_graphs = bool(os.environ.get("BENCH_GRAPHS_COMPILE"))
         options = perf.PerfOptions(
-            compile_layers=compiled and full_path and (cuda or path == "ours"),
-            liger_loss=liger and (full_path or path == "ours-liger"),
-            liger_layers=liger and path == "ours-liger",
+            compile_layers=compiled
+            and full_path
+            and (cuda or path == "ours")
+            and (not graphs or inside_graphs),
+            liger_loss=liger
+            and (full_path or path == "ours-liger")
+            and not os.environ.get("BENCH_NO_LIGER_LOSS"),
+            liger_layers=liger
+            and (path == "ours-liger" or (graphs and bool(os.environ.get("BENCH_LIGER_LAYERS")))),
             cuda_graphs=graphs,
         )
         perf.optimize_model(model, options)

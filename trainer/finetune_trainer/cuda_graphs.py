@@ -38,17 +38,21 @@ log = logging.getLogger(__name__)
 Key = tuple[Any, ...]
 
 
-class _LayerCall(torch.nn.Module):
-    """One decoder layer as a function of tensors only (what make_graphed_callables takes)."""
+class _StackCall(torch.nn.Module):
+    """The decoder stack as one function of tensors (what make_graphed_callables takes)."""
 
     def __init__(
-        self, layer: torch.nn.Module, eager: Callable[..., Any], autocast: torch.dtype | None
+        self,
+        layers: Sequence[torch.nn.Module],
+        forwards: Sequence[Callable[..., Any]],
+        autocast: torch.dtype | None,
     ) -> None:
         super().__init__()
-        self.layer = layer  # registered, so the layer's trainable parameters are graph inputs
-        self.eager = eager
+        # registered, so the layers' trainable parameters become the graphs' inputs
+        self.layers = torch.nn.ModuleList(layers)
+        self.forwards = list(forwards)
         self.autocast = autocast  # the caller's autocast dtype at capture, or None
-        self.returned_tuple = False  # what the layer itself returns (transformers versions differ)
+        self.returned_tuple = False  # what a layer itself returns (transformers versions differ)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *mask: Any):  # type: ignore[no-untyped-def]
         # The caller's autocast, re-entered inside the graph without its weight cache
@@ -59,67 +63,80 @@ class _LayerCall(torch.nn.Module):
             enabled=self.autocast is not None,
             cache_enabled=False,
         ):
-            out = self.eager(
-                hidden, attention_mask=mask[0] if mask else None, position_embeddings=(cos, sin)
-            )
-        self.returned_tuple = isinstance(out, tuple)
-        return out[0] if self.returned_tuple else out
+            for layer_forward in self.forwards:
+                out = layer_forward(
+                    hidden, attention_mask=mask[0] if mask else None, position_embeddings=(cos, sin)
+                )
+                self.returned_tuple = isinstance(out, tuple)
+                hidden = out[0] if self.returned_tuple else out
+        return hidden
 
 
 class GraphedLayers:
-    """Installs itself as each layer's `forward`; captures a graph set per new input shape."""
+    """Installs itself as each layer's `forward`; captures the stack per new input shape.
 
-    def __init__(self, layers: Sequence[torch.nn.Module], max_sets: int = 8) -> None:
+    Layer 0's call replays the whole stack (one forward graph, and one backward graph in the
+    backward pass); each later layer, handed exactly the tensor that replay returned, passes
+    it through. Any other call runs that layer eagerly.
+    """
+
+    def __init__(
+        self, layers: Sequence[torch.nn.Module], max_sets: int = 8, compile_layers: bool = False
+    ) -> None:
         self.layers = list(layers)
         self.eager = [layer.forward for layer in self.layers]
+        # Inside the graphs: each layer's forward, or its torch.compile'd version (inductor
+        # fuses the adapters' casts, dropout and scaling; compiled once, dynamic widths, at
+        # the warm-up before the first capture).
+        self.inner = (
+            [torch.compile(f, dynamic=True) for f in self.eager] if compile_layers else self.eager
+        )
         self.max_sets = max_sets
-        self.sets: dict[Key, list[Callable[..., torch.Tensor]]] = {}
+        self.sets: dict[Key, Callable[..., torch.Tensor]] = {}
         self.returns_tuple = False
         self.pool = torch.cuda.graph_pool_handle()
-        self.eager_calls = 0  # layer calls that ran eagerly, and that replayed a graph
+        self.eager_calls = 0  # layer calls that ran eagerly, and that a replay served
         self.replays = 0
-        # Whether the model's first layer got an input that requires grad (a frozen embedding
-        # gives one that does not; every later layer's input does, through the adapters).
-        # It picks the graph set for the whole stack: keying each layer on its own input's
-        # flag would find no set past layer 0.
-        self.entry_requires_grad = False
+        self._stack_output: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
             layer.forward = self._dispatcher(index)
 
     def _dispatcher(self, index: int) -> Callable[..., Any]:
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if index > 0 and hidden_states is self._stack_output:
+                self.replays += 1  # the stack already ran whole: pass its output through
+                return (hidden_states,) if self.returns_tuple else hidden_states
             if index == 0:
-                self.entry_requires_grad = hidden_states.requires_grad
-            graphs = self._graphs(index, hidden_states, args, kwargs)
-            if graphs is None:
-                self.eager_calls += 1
-                return self.eager[index](hidden_states, *args, **kwargs)
-            self.replays += 1
-            cos, sin = kwargs["position_embeddings"]
-            mask = kwargs.get("attention_mask")
-            out = graphs[index](hidden_states, cos, sin, *(() if mask is None else (mask,)))
-            return (out,) if self.returns_tuple else out
+                self._stack_output = None
+                stack = self._stack(hidden_states, args, kwargs)
+                if stack is not None:
+                    cos, sin = kwargs["position_embeddings"]
+                    mask = kwargs.get("attention_mask")
+                    out = stack(hidden_states, cos, sin, *(() if mask is None else (mask,)))
+                    self._stack_output = out
+                    self.replays += 1
+                    return (out,) if self.returns_tuple else out
+            self.eager_calls += 1
+            return self.eager[index](hidden_states, *args, **kwargs)
 
         forward.graphed_layers = self  # type: ignore[attr-defined]
         return forward
 
-    def _graphs(
-        self, index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> list[Callable[..., torch.Tensor]] | None:
-        layer = self.layers[index]
+    def _stack(
+        self, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[..., torch.Tensor] | None:
         position = kwargs.get("position_embeddings")
         cached = any(
             kwargs.get(k) is not None for k in ("cache", "past_key_values", "past_key_value")
         )
         if (
             args
-            or not layer.training
+            or not all(layer.training for layer in self.layers)
             or not torch.is_grad_enabled()
             or not hidden.is_cuda
             or position is None
             or cached
             or kwargs.get("use_cache")
-            or (index > 0 and not hidden.requires_grad)
         ):
             return None
         mask = kwargs.get("attention_mask")
@@ -129,16 +146,16 @@ class GraphedLayers:
         key: Key = (
             tuple(hidden.shape),
             hidden.dtype,
-            self.entry_requires_grad,
+            hidden.requires_grad,
             autocast,
             None if mask is None else (tuple(mask.shape), mask.dtype),
             tuple(position[0].shape),
             position[0].dtype,
         )
-        graphs = self.sets.get(key)
-        if graphs is None and index == 0 and len(self.sets) < self.max_sets:
-            graphs = self._capture(key, hidden, position, mask)
-        return graphs
+        stack = self.sets.get(key)
+        if stack is None and len(self.sets) < self.max_sets:
+            stack = self._capture(key, hidden, position, mask)
+        return stack
 
     def _capture(
         self,
@@ -146,41 +163,27 @@ class GraphedLayers:
         hidden: torch.Tensor,
         position: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-    ) -> list[Callable[..., torch.Tensor]] | None:
-        if not all(any(p.requires_grad for p in layer.parameters()) for layer in self.layers):
-            return None  # a frozen layer has no backward to capture: stay eager
-        autocast = key[3]
-        calls = [
-            _LayerCall(layer, eager, autocast)
-            for layer, eager in zip(self.layers, self.eager, strict=True)
-        ]
+    ) -> Callable[..., torch.Tensor] | None:
+        if not any(p.requires_grad for layer in self.layers for p in layer.parameters()):
+            return None  # nothing to train in the stack: no backward to capture
+        call = _StackCall(self.layers, self.inner, autocast=key[3])
         extra = () if mask is None else (mask.detach().clone(),)
         cos, sin = (t.detach().clone() for t in position)
-        samples = tuple(
-            (
-                hidden.detach()
-                .clone()
-                .requires_grad_(self.entry_requires_grad if i == 0 else True),
-                cos,
-                sin,
-                *extra,
-            )
-            for i in range(len(calls))
-        )
-        self._warm_up(calls, samples)  # in place of make_graphed_callables' own
-        self.returns_tuple = calls[0].returned_tuple
+        sample = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, *extra)
+        self._warm_up(call, sample)  # in place of make_graphed_callables' own
+        self.returns_tuple = call.returned_tuple
         options: dict[str, Any] = {"pool": self.pool, "num_warmup_iters": 0}
         if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
             # the data loader's pin-memory thread may allocate while we capture
             options["capture_error_mode"] = "thread_local"
         before = torch.cuda.memory_allocated()
-        # make_graphed_callables refuses autocast's weight cache (and the layers run without it)
+        # make_graphed_callables refuses autocast's weight cache (the stack re-enters autocast)
         with torch.autocast("cuda", enabled=False):
-            graphed = torch.cuda.make_graphed_callables(tuple(calls), samples, **options)
-        self.sets[key] = [cast(Callable[..., torch.Tensor], g) for g in graphed]
+            graphed = torch.cuda.make_graphed_callables(call, sample, **options)
+        self.sets[key] = cast(Callable[..., torch.Tensor], graphed)
         log.info(
             "cuda graphs: captured %d layers for input %s (set %d of at most %d, +%.0f MiB)",
-            len(calls),
+            len(self.layers),
             key[0],
             len(self.sets),
             self.max_sets,
@@ -189,21 +192,21 @@ class GraphedLayers:
         return self.sets[key]
 
     @staticmethod
-    def _warm_up(calls: Sequence[torch.nn.Module], samples: Sequence[tuple[Any, ...]]) -> None:
-        """Lazy CUDA set-up (cuBLAS handles, workspaces) out of the captures, done here rather
-        than by make_graphed_callables: torch 2.11's own warm-up runs on a stream of its own
-        and keeps its last graph alive (its parameters' AccumulateGrad nodes then belong to
-        that stream). Here: on the stream the captures use, nothing kept."""
+    def _warm_up(call: torch.nn.Module, sample: tuple[Any, ...]) -> None:
+        """Lazy CUDA set-up (cuBLAS handles, workspaces; compilation and autotuning) out of
+        the captures, done here rather than by make_graphed_callables: torch 2.11's own
+        warm-up runs on a stream of its own and keeps its last graph alive (its parameters'
+        AccumulateGrad nodes then belong to that stream). Here: on the stream the captures
+        use, nothing kept."""
         torch.cuda.graph(torch.cuda.CUDAGraph())  # sets graph.default_capture_stream
         stream = torch.cuda.graph.default_capture_stream or torch.cuda.current_stream()
         torch.cuda.synchronize()
         with torch.cuda.stream(stream), torch.autocast("cuda", enabled=False):
-            for call, args in zip(calls, samples, strict=True):
-                for _ in range(2):
-                    out = call(*args)
-                    wrt = [t for t in (*args, *call.parameters()) if t.requires_grad]
-                    torch.autograd.grad(out, wrt, torch.zeros_like(out), allow_unused=True)
-                    del out
+            for _ in range(2):
+                out = call(*sample)
+                wrt = [t for t in (*sample, *call.parameters()) if t.requires_grad]
+                torch.autograd.grad(out, wrt, torch.zeros_like(out), allow_unused=True)
+                del out
         torch.cuda.synchronize()
 
 

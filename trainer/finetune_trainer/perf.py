@@ -249,11 +249,10 @@ class PerfOptions:
     compile_layers: bool = True
     liger_loss: bool = True  # Liger's fused linear cross-entropy (CUDA/XPU, needs liger_kernel)
     liger_layers: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (used when compile_layers is off)
-    # CUDA graphs over the decoder layers, captured by hand per row width (cuda_graphs.py).
-    # Takes the place of compile_layers (the layers stay eager; torch.compile's own CUDA graphs
-    # crashed in the compiled backward on torch 2.11). Needs StableGradients as a callback and,
-    # on torch 2.11, no autocast. Off: measured no faster than the plain recipe at micro-batch
-    # 2 on an H200 (benchmarks/README.md, third session).
+    # CUDA graphs over the decoder stack, captured by hand per row width (cuda_graphs.py): one
+    # forward and one backward replay per micro-batch. With compile_layers the layers are
+    # compiled inside the graphs; without, liger_layers applies. Needs StableGradients as a
+    # callback, and no gradient checkpointing (its RNG bookkeeping cannot be captured).
     cuda_graphs: bool = False
 
     @classmethod
@@ -348,8 +347,15 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
     if options.cuda_graphs:
         from finetune_trainer.cuda_graphs import GraphedLayers
 
-        graphed = GraphedLayers(decoder_layers(model))
-        applied.append(f"CUDA graphs over {len(graphed.layers)} decoder layers")
+        if options.compile_layers:  # compiled inside the graphs; leave room for the layers
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        graphed = GraphedLayers(decoder_layers(model), compile_layers=options.compile_layers)
+        applied.append(
+            f"CUDA graphs over {len(graphed.layers)} decoder layers"
+            + (" (compiled inside)" if options.compile_layers else "")
+        )
     elif options.compile_layers:
         count = compile_decoder_layers(model)
         applied.append(f"compiled {count} decoder layers")
