@@ -256,8 +256,9 @@ class TrainingSpec(_Spec):
     )
     fused_kernels: bool = Field(
         default=True,
-        description="Use fused kernels (RMSNorm, SwiGLU, RoPE, cross-entropy) where installed. "
-        "Default: true.",
+        description="Use fused kernels where installed: on CUDA, compiled decoder layers, "
+        "replayed as CUDA graphs at small micro-batches on one GPU, else with Liger's fused "
+        "cross-entropy. Default: true.",
     )
     deepspeed_zero_stage: int | None = Field(
         default=None,

@@ -201,6 +201,24 @@ def test_options_for_device() -> None:
     assert perf.PerfOptions.for_device("cuda").compile_layers
     off = perf.PerfOptions.for_device("cuda", fused_kernels=False)
     assert not (off.compile_layers or off.liger_loss or off.liger_layers)
+    graphed = perf.PerfOptions.for_device("cuda", cuda_graphs=True)
+    # as measured: compiled layers inside the graphs, the model's own loss (no host read-back)
+    assert graphed.cuda_graphs and graphed.compile_layers and not graphed.liger_loss
+    assert not perf.PerfOptions.for_device(
+        "cuda", fused_kernels=False, cuda_graphs=True
+    ).cuda_graphs
+    assert not perf.PerfOptions.for_device("xpu", cuda_graphs=True).cuda_graphs
+
+
+def test_graphs_fit_only_where_measured() -> None:
+    # the seed's micro-batch 2 at cutoff 256, one GPU: graphs
+    assert perf.graphs_fit("cuda", 2, 256, world_size=1, gradient_checkpointing=False)
+    # rows too wide for a few graph sets; auto; DDP; checkpointing; not CUDA: no graphs
+    assert not perf.graphs_fit("cuda", 8, 256, world_size=1, gradient_checkpointing=False)
+    assert not perf.graphs_fit("cuda", "auto", 256, world_size=1, gradient_checkpointing=False)
+    assert not perf.graphs_fit("cuda", 2, 256, world_size=2, gradient_checkpointing=False)
+    assert not perf.graphs_fit("cuda", 2, 256, world_size=1, gradient_checkpointing=True)
+    assert not perf.graphs_fit("xpu", 2, 256, world_size=1, gradient_checkpointing=False)
 
 
 def test_candidate_micro_batches_keep_the_batch_rule() -> None:

@@ -342,7 +342,7 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
 
 
 def training_collator(
-    config: ResolvedConfig, device: DeviceInfo, tokenizer: Any
+    config: ResolvedConfig, device: DeviceInfo, tokenizer: Any, graphs: bool = False
 ) -> tuple[Any, Any]:
     """(the collator the Trainer gets, the one it wraps): the second is what the probe uses."""
     collator: Any = build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free)
@@ -353,7 +353,8 @@ def training_collator(
     if config.padding_free:
         collator = perf.PackingCollator(
             pad_token_id=tokenizer.pad_token_id,
-            pad_to_multiple_of=64,
+            # under CUDA graphs a few widths (a graph set each), else a few compiled shapes
+            pad_to_multiple_of=perf.GRAPH_BUCKET if graphs else 64,
             row_tokens=max(AUTO_ROW_TOKENS, config.cutoff_len)
             if config.micro_batch_size == "auto"
             else None,
@@ -413,14 +414,27 @@ def build_trainer(
     # The model comes before the data and the arguments: `microBatchSize: auto` is measured
     # on it (probe_micro_batch) and the arguments carry the chosen size.
     model = prepare_model(config, device)
+    options = perf.PerfOptions.for_device(
+        device.kind,
+        config.fused_kernels,
+        cuda_graphs=config.padding_free
+        and perf.graphs_fit(
+            device.kind,
+            config.micro_batch_size,
+            config.cutoff_len,
+            world.world_size,
+            config.gradient_checkpointing,
+        ),
+    )
     if device.kind == "cuda":
-        # issue 7: compiled decoder layers + Liger's fused linear cross-entropy.
-        model = perf.optimize_model(
-            model, perf.PerfOptions.for_device(device.kind, config.fused_kernels)
-        )
-    collator, inner = training_collator(config, device, tokenizer)
+        # issue 7: compiled decoder layers (inside CUDA graphs of the whole stack where they
+        # fit) + Liger's fused linear cross-entropy (without graphs).
+        model = perf.optimize_model(model, options)
+    collator, inner = training_collator(config, device, tokenizer, options.cuda_graphs)
     if isinstance(collator, perf.HostTokenCounter):
         callbacks = [*callbacks, collator.callback(world.world_size)]
+    if options.cuda_graphs:  # replays add into preallocated .grad (cuda_graphs.py says why)
+        callbacks = [*callbacks, perf.StableGradients(model).callback()]
     if probes_memory(config, device):
         config = probe_micro_batch(config, device, world, model, inner)
     args = training_arguments(config, device, world)
