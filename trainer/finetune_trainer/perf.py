@@ -46,6 +46,11 @@ What each does, and why:
   and the input-token counter (`include_num_input_tokens_seen`) each force a device sync per
   micro-batch; both off. Batches are pinned and copied non-blocking.
 * Fused optimizer: `adamw_torch` -> `adamw_torch_fused` (the same AdamW, one kernel).
+* CUDA graphs (`cuda_graphs.py`, where `graphs_fit`): the whole decoder stack replayed as one
+  forward and one backward graph per row width, the layers compiled inside; at micro-batch 2
+  the step was launch- and Python-bound, and this makes it ~85% GPU-bound (5.8x LoRA, 6.7x
+  QLoRA on an H200). `trim_repeated_host_work` removes the Trainer's own per-micro-batch
+  walks over the model.
 * `auto_micro_batch`: the largest micro-batch that fits the device's memory, measured with a
   worst-case (every example at cutoff length) forward+backward, among the sizes that divide
   the per-rank share of the global batch, so accumulation is recomputed and the global batch
