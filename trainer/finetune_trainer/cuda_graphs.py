@@ -1,13 +1,14 @@
-"""CUDA graphs over the decoder layers, captured by hand, one set per row-width bucket.
+"""CUDA graphs of the whole decoder stack, captured by hand, one per row-width bucket.
 
-Why: at micro-batch 2 (about 300 tokens) a step issues thousands of small kernels per
-micro-batch, which looked launch-bound; replaying the layers' forward and backward as CUDA
-graphs removes their launch and Python time. torch.compile's own CUDA graphs (mode
-"reduce-overhead") crashed in the compiled backward on torch 2.11, so this captures the eager
-layers with `torch.cuda.make_graphed_callables`: the same kernels as eager, so the same math.
-Session 3 measured it "no faster" on an H200, but only layer 0 was replayed then: the
-set was keyed on each layer's own input (whose requires-grad differs past layer 0), and the
-replay counter counted model forwards. Session 4's profile found it (benchmarks/README.md).
+Why: at micro-batch 2 (about 300 tokens) a step issues thousands of small kernels and much
+Python per micro-batch, and is launch- and host-bound; replaying the stack's forward and
+backward as two CUDA graphs removes both. torch.compile's own CUDA graphs (mode
+"reduce-overhead") crashed in the compiled backward on torch 2.11, so this captures the stack
+with `torch.cuda.make_graphed_callables`, its layers eager or compiled inside. Measured on an
+H200 (benchmarks/README.md, fourth session): 5.8x the plain recipe for LoRA, 6.7x for QLoRA,
+with less memory. (Session 3 measured a graph per layer as "no faster": only layer 0 was
+replayed, the set being keyed on each layer's own input, whose requires-grad differs past
+layer 0, and the replay counter counting model forwards.)
 
 How it stays exact:
 - the packing collator rounds each row up to a few widths (`pad_to_multiple_of`); pad tokens
