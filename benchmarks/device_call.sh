@@ -17,7 +17,8 @@
 #          autocast (+ profile; without autocast if that fails), QLoRA, DPO, the baseline
 #   hgraphs3 (1 GPU, session 4) the whole stack as one graph: GPU test; LoRA eager layers
 #          (+ profile), + Liger layers without the fused CE (+ profile), the baseline; QLoRA
-#          the same and its baseline; LoRA with the layers compiled inside the graphs
+#          the same and its baseline; LoRA with the layers compiled inside the graphs; then
+#          LoRA and QLoRA as the trainer runs them (compiled inside, the model's own loss)
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -104,6 +105,11 @@ phase=$2
     BENCH_LIGER_LAYERS=1 BENCH_NO_LIGER_LOSS=1 $C --tag ligerl- --path ours-graphs --method qlora; save
     timeout 75 python3 benchmarks/train_throughput.py --child --out $R --path baseline --method qlora --steps 2; save
     BENCH_GRAPHS_COMPILE=1 timeout 200 python3 benchmarks/train_throughput.py --child --out $R --bucket 128 --steps 6 --warmup-steps 2 --profile-step 6 --profile-micro-batches 8 --tag compiled- --path ours-graphs --method lora; save
+    # the trainer's default since: compiled inside the graphs, the model's own loss (ran as two
+    # calls right after the above, the inductor cache warm)
+    for m in lora qlora; do
+      BENCH_GRAPHS_COMPILE=1 BENCH_NO_LIGER_LOSS=1 timeout 230 python3 benchmarks/train_throughput.py --child --out $R --bucket 128 --steps 6 --warmup-steps 2 --tag compiled-noflce- --path ours-graphs --method $m; save
+    done
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then
