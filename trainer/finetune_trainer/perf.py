@@ -364,12 +364,16 @@ def apply_liger(model: Any, layers: bool, loss: bool) -> bool:
     return True
 
 
-def compile_decoder_layers(model: Any, dynamic: bool | None = True) -> int:
-    """Regional torch.compile: each decoder layer compiled in place (one graph for all)."""
+def _room_for_layer_compiles() -> None:
+    """Every layer module is its own guard target; leave room for the length buckets too."""
     import torch._dynamo
 
-    # every layer module is its own guard target; leave room for the length buckets too
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def compile_decoder_layers(model: Any, dynamic: bool | None = True) -> int:
+    """Regional torch.compile: each decoder layer compiled in place (one graph for all)."""
+    _room_for_layer_compiles()
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=dynamic)
@@ -386,10 +390,8 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
     if options.cuda_graphs:
         from finetune_trainer.cuda_graphs import GraphedLayers
 
-        if options.compile_layers:  # compiled inside the graphs; leave room for the layers
-            import torch._dynamo
-
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if options.compile_layers:  # compiled inside the graphs
+            _room_for_layer_compiles()
         graphed = GraphedLayers(decoder_layers(model), compile_layers=options.compile_layers)
         applied.append(
             f"CUDA graphs over {len(graphed.layers)} decoder layers"
