@@ -19,6 +19,8 @@
 #          (+ profile), + Liger layers without the fused CE (+ profile), the baseline; QLoRA
 #          the same and its baseline; LoRA with the layers compiled inside the graphs; then
 #          LoRA and QLoRA as the trainer runs them (compiled inside, the model's own loss)
+#   dprofile (1 GPU, session 5) where a DPO micro-batch goes (eager packed, rows of 1024,
+#          Liger layers, no checkpointing; the baseline)
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -110,6 +112,16 @@ phase=$2
     for m in lora qlora; do
       BENCH_GRAPHS_COMPILE=1 BENCH_NO_LIGER_LOSS=1 timeout 230 python3 benchmarks/train_throughput.py --child --out $R --bucket 128 --steps 6 --warmup-steps 2 --tag compiled-noflce- --path ours-graphs --method $m; save
     done
+  elif [ "$phase" = dprofile ]; then
+    # (session 5) where a DPO micro-batch goes: the eager packed path (TRL's checkpointing on),
+    # with rows of 1024, with Liger layers, without checkpointing; compiled; the baseline
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+    C="timeout 110 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --bucket 128 --steps 4 --profile-step 4 --profile-micro-batches 2"
+    BENCH_NO_COMPILE=1 $C --path ours; save
+    BENCH_NO_COMPILE=1 BENCH_DPO_ROW_TOKENS=1024 $C --tag row1024- --path ours; save
+    BENCH_NO_COMPILE=1 BENCH_LIGER_LAYERS=1 $C --tag ligerl- --path ours; save
+    BENCH_NO_COMPILE=1 BENCH_DPO_NO_CKPT=1 BENCH_DPO_ROW_TOKENS=1024 $C --tag nockpt-row1024- --path ours; save
+    timeout 80 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

@@ -698,10 +698,15 @@ def child_dpo(args: argparse.Namespace) -> None:
         options = perf.PerfOptions(
             compile_layers=(cuda or args.tiny_cpu) and not os.environ.get("BENCH_NO_COMPILE"),
             liger_loss=False,  # the packed loss needs per-token log-probs, not a mean CE
+            liger_layers=bool(os.environ.get("BENCH_LIGER_LAYERS")),
             cuda_graphs=graphs,
         )
+        # BENCH_DPO_ROW_TOKENS: the packed row width (attention over a row costs its square)
         inner = PackedPreferenceCollator(
-            pad_token_id=0, max_length=args.dpo_max_length, pad_to_multiple_of=args.bucket
+            pad_token_id=0,
+            max_length=args.dpo_max_length,
+            pad_to_multiple_of=args.bucket,
+            row_tokens=int(os.environ.get("BENCH_DPO_ROW_TOKENS", "4096")),
         )
     else:
         inner = DataCollatorForPreference(pad_token_id=0, max_length=args.dpo_max_length)
@@ -734,6 +739,8 @@ def child_dpo(args: argparse.Namespace) -> None:
     )
     if ours:
         kwargs |= perf.training_argument_overrides(device.type, "adamw_torch")
+    if os.environ.get("BENCH_DPO_NO_CKPT"):  # TRL's default is on: measure without it
+        kwargs["gradient_checkpointing"] = False
     targs = DPOConfig(**kwargs)
     counter = PairCounting(inner, flops_fn, args.dpo_max_length)
     recorder = Recorder(counter, device)  # type: ignore[arg-type]
