@@ -695,11 +695,17 @@ def child_dpo(args: argparse.Namespace) -> None:
     inner: Any
     if ours:
         graphs = "graphs" in path and cuda
+        # under graphs: eager layers inside unless BENCH_GRAPHS_COMPILE (the reference pass
+        # runs eagerly, and must round as the policy does), checkpointed inside the graphs
+        # where TRL would checkpoint (its default) unless BENCH_DPO_NO_CKPT
         options = perf.PerfOptions(
-            compile_layers=(cuda or args.tiny_cpu) and not os.environ.get("BENCH_NO_COMPILE"),
+            compile_layers=(cuda or args.tiny_cpu)
+            and not os.environ.get("BENCH_NO_COMPILE")
+            and (not graphs or bool(os.environ.get("BENCH_GRAPHS_COMPILE"))),
             liger_loss=False,  # the packed loss needs per-token log-probs, not a mean CE
             liger_layers=bool(os.environ.get("BENCH_LIGER_LAYERS")),
             cuda_graphs=graphs,
+            graph_checkpointing=graphs and not os.environ.get("BENCH_DPO_NO_CKPT"),
         )
         # BENCH_DPO_ROW_TOKENS: the packed row width (attention over a row costs its square)
         inner = PackedPreferenceCollator(
@@ -739,7 +745,8 @@ def child_dpo(args: argparse.Namespace) -> None:
     )
     if ours:
         kwargs |= perf.training_argument_overrides(device.type, "adamw_torch")
-    if os.environ.get("BENCH_DPO_NO_CKPT"):  # TRL's default is on: measure without it
+    if os.environ.get("BENCH_DPO_NO_CKPT") or (options is not None and options.cuda_graphs):
+        # TRL's default is on: measured without it, or done inside the graphs instead
         kwargs["gradient_checkpointing"] = False
     targs = DPOConfig(**kwargs)
     counter = PairCounting(inner, flops_fn, args.dpo_max_length)

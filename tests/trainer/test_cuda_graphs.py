@@ -21,12 +21,12 @@ pytestmark = [
 ]
 
 
-def lora(model: Any) -> Any:
+def lora(model: Any, dropout: float = 0.0) -> Any:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)
     config = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]
+        r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "up_proj"]
     )
     peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
@@ -74,15 +74,25 @@ BF16_CAPTURE_FAILS = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize(
-    ("bf16", "graphed_autocast"),
+    ("bf16", "graphed_autocast", "checkpointed"),
     [
-        (False, False),
-        pytest.param(True, True, marks=BF16_CAPTURE_FAILS),
-        (True, False),
+        (False, False, False),
+        (False, False, True),
+        pytest.param(True, True, False, marks=BF16_CAPTURE_FAILS),
+        (True, False, False),
+        (True, True, True),
     ],
-    ids=["fp32", "bf16-autocast", "bf16-base-no-autocast"],
+    ids=[
+        "fp32",
+        "fp32-checkpointed",
+        "bf16-autocast",
+        "bf16-base-no-autocast",
+        "bf16-checkpointed",
+    ],
 )
-def test_graphed_layers_same_loss_and_accumulated_grads(bf16: bool, graphed_autocast: bool) -> None:
+def test_graphed_layers_same_loss_and_accumulated_grads(
+    bf16: bool, graphed_autocast: bool, checkpointed: bool
+) -> None:
     # bf16: bf16 base weights and fp32 LoRA as in training; the eager reference runs under
     # autocast (as Trainer's bf16 does), the graphed model with or without it
     base = (tiny_llama().to(torch.bfloat16) if bf16 else tiny_llama()).cuda()
@@ -90,7 +100,13 @@ def test_graphed_layers_same_loss_and_accumulated_grads(bf16: bool, graphed_auto
     graphed = lora(base)
     layers = perf.decoder_layers(graphed)
     perf.optimize_model(
-        graphed, perf.PerfOptions(compile_layers=False, liger_loss=False, cuda_graphs=True)
+        graphed,
+        perf.PerfOptions(
+            compile_layers=False,
+            liger_loss=False,
+            cuda_graphs=True,
+            graph_checkpointing=checkpointed,
+        ),
     )
     stable = perf.StableGradients(graphed)
     collate = perf.PackingCollator(pad_to_multiple_of=32)
@@ -123,3 +139,53 @@ def test_graphed_layers_same_loss_and_accumulated_grads(bf16: bool, graphed_auto
     assert owner is not None
     assert len(owner.sets) == len(widths) and owner.eager_calls == 0
     assert owner.replays == 2 * len(batches) * len(layers)
+
+
+def test_checkpointed_graphs_recompute_the_forwards_dropout_masks() -> None:
+    """With LoRA dropout, a recomputation that drew other masks than the forward would give
+    the gradient of another function. Reference: the eager model, each layer drawing from a
+    generator set to where the graphed layer's forward generator stood before the replay (so
+    the same masks), no checkpointing: loss and gradients must agree."""
+    base = tiny_llama().cuda()
+    eager = lora(copy.deepcopy(base), dropout=0.2)
+    graphed = lora(base, dropout=0.2)
+    perf.optimize_model(
+        graphed,
+        perf.PerfOptions(
+            compile_layers=False, liger_loss=False, cuda_graphs=True, graph_checkpointing=True
+        ),
+    )
+    stable = perf.StableGradients(graphed)
+    owner = cuda_graphs.installed(perf.decoder_layers(graphed)[0])
+    assert owner is not None
+    eager_layers = perf.decoder_layers(eager)
+    drawn = [torch.Generator("cuda") for _ in eager_layers]
+    for layer, generator in zip(eager_layers, drawn, strict=True):
+        layer.forward = _drawing(layer.forward, generator)
+    batch = perf.PackingCollator(pad_to_multiple_of=32)(examples(2, seed=5))
+    accumulate(graphed, [batch], bf16=False)  # captures, and replays once
+    trainable = [p for p in eager.parameters() if p.requires_grad]
+    graph_params = [p for p in graphed.parameters() if p.requires_grad]
+    for _ in range(2):  # replays only: the generators move on, the masks change
+        for generator, rng in zip(drawn, owner.rng, strict=True):
+            generator.set_state(rng.forward.get_state())
+        graphed.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+        stable.attach()
+        (loss_g,) = accumulate(graphed, [batch], bf16=False)
+        (loss_e,) = accumulate(eager, [batch], bf16=False)
+        assert abs(loss_g - loss_e) / abs(loss_e) < 1e-5, (loss_g, loss_e)
+        worst = max(
+            rel(g.grad, e.grad)  # type: ignore[arg-type]
+            for g, e in zip(graph_params, trainable, strict=True)
+        )
+        assert worst < 1e-3, worst
+    assert owner.eager_calls == 0 and len(owner.sets) == 1
+
+
+def _drawing(forward: Any, generator: torch.Generator) -> Any:
+    def drawing(*args: Any, **kwargs: Any) -> Any:
+        with cuda_graphs._drawing_from(generator):
+            return forward(*args, **kwargs)
+
+    return drawing

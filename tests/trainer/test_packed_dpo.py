@@ -142,40 +142,25 @@ def test_packed_preference_collator_layout() -> None:
         {"prompt_ids": [10], "chosen_ids": [11, 2], "rejected_ids": [12, 13, 14, 2]},
     ]
     batch = PackedPreferenceCollator(pad_to_multiple_of=8)(features)
-    # chosen 1, chosen 2, rejected 1, rejected 2: 5 + 3 + 4 + 5 = 17 tokens, rounded to 24
+    # sequences: chosen 1 (5 tokens), chosen 2 (3), rejected 1 (4), rejected 2 (5); laid
+    # longest first: 17 tokens, rounded to 24
     assert batch["input_ids"].shape == (1, 24)
-    assert batch["input_ids"][0, :17].tolist() == [
-        5,
-        6,
-        7,
-        8,
-        2,
-        10,
-        11,
-        2,
-        5,
-        6,
-        9,
-        2,
-        10,
-        12,
-        13,
-        14,
-        2,
-    ]
-    assert batch["segments"][0, :17].tolist() == [0] * 5 + [1] * 3 + [2] * 4 + [3] * 5
+    c1, c2, r1, r2 = [5, 6, 7, 8, 2], [10, 11, 2], [5, 6, 9, 2], [10, 12, 13, 14, 2]
+    assert batch["input_ids"][0, :17].tolist() == c1 + r2 + r1 + c2
+    assert batch["segments"][0, :17].tolist() == [0] * 5 + [3] * 5 + [2] * 4 + [1] * 3
     assert (batch["segments"][0, 17:] == -1).all()
     # only completion tokens are labels
     labels = batch["labels"][0].tolist()
-    assert labels[:5] == [-100, -100, 7, 8, 2] and labels[5:8] == [-100, 11, 2]
-    assert batch["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert labels[:5] == [-100, -100, 7, 8, 2] and labels[5:10] == [-100, 12, 13, 14, 2]
+    assert labels[14:17] == [-100, 11, 2]
+    assert batch["position_ids"][0, :10].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
     mask = batch["attention_mask"][0, 0]
-    assert mask[6, 5] and not mask[5, 4]  # inside sequence 2; never across sequences
+    assert mask[6, 5] and not mask[5, 4]  # inside rejected 2; never across sequences
     assert batch["sequence_ids"].tolist() == [0, 1, 2, 3]
     rows = PackedPreferenceCollator(pad_to_multiple_of=8, row_tokens=9)(features)
-    # rows of at most 9 tokens: [c1 + c2] (8), [r1 + r2] (9), rounded up to 16
+    # rows of at most 9 tokens, first fit longest first: [c1 + r1] (9), [r2 + c2] (8) -> 16
     assert rows["input_ids"].shape == (2, 16)
-    assert rows["segments"][:, 0].tolist() == [0, 2] and rows["segments"][1, 4].item() == 3
+    assert rows["segments"][:, 0].tolist() == [0, 3] and rows["segments"][1, 5].item() == 1
 
 
 def test_stable_gradients_accumulate_in_place() -> None:

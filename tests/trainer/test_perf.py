@@ -82,6 +82,12 @@ def test_pack_rows_in_order_and_bounded() -> None:
     assert [i for row in rows for i in row] == list(range(6))
 
 
+def test_pack_rows_tightly_first_fit_longest_first() -> None:
+    rows = perf.pack_rows_tightly([5, 5, 5, 12, 1, 4], row_tokens=10)
+    assert rows == [[3], [0, 1], [2, 5, 4]]  # in-order packing needs 4 rows
+    assert sorted(i for row in rows for i in row) == list(range(6))
+
+
 def test_collator_layout() -> None:
     feats = examples(3)
     batch = perf.PackingCollator(pad_token_id=0, pad_to_multiple_of=16)(feats)

@@ -23,20 +23,59 @@ How it stays exact:
   in graph memory that the next replay overwrites, and autograd adopts rather than copies an
   incoming gradient when `.grad` is None.
 All sets share one memory pool: only one micro-batch's forward and backward run at a time.
+
+Gradient checkpointing inside the graphs (`checkpoint=True`): torch's checkpoint saves and
+restores the CUDA RNG state on the host, which a capture forbids, and without it a recomputed
+dropout would draw a different mask than the forward did. Here each layer draws its randomness
+from a generator of its own in the forward and from a twin with the same seed in the
+recomputation (`torch.Generator.graphsafe_set_state`, the mechanism inductor uses for
+checkpointed RNG under its own graphs). The forward graph advances the one, the backward graph
+the other, by the same amount, and the twin is set level with its forward generator before
+every forward; so the recomputation draws exactly the forward's masks (exact, as eager
+checkpointing with `preserve_rng_state`).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
 Key = tuple[Any, ...]
+
+
+@contextmanager
+def _drawing_from(generator: torch.Generator) -> Iterator[None]:
+    """CUDA random ops inside draw from `generator` (also while a graph is captured)."""
+    default = torch.cuda.default_generators[generator.device.index or 0]
+    previous = default.graphsafe_get_state()
+    default.graphsafe_set_state(generator)
+    try:
+        yield
+    finally:
+        default.graphsafe_set_state(previous)
+
+
+class LayerRng:
+    """One checkpointed layer's twin generators: the forward's, and the recomputation's."""
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        default = torch.cuda.default_generators[device.index or 0]
+        self.forward = default.clone_state().manual_seed(seed)
+        self.recompute = default.clone_state().manual_seed(seed)
+
+    def level(self) -> None:
+        """Before a forward: the recomputation will start where this forward starts."""
+        self.recompute.set_state(self.forward.get_state())
+
+    def contexts(self) -> tuple[Any, Any]:  # checkpoint's context_fn
+        return _drawing_from(self.forward), _drawing_from(self.recompute)
 
 
 class _StackCall(torch.nn.Module):
@@ -47,12 +86,14 @@ class _StackCall(torch.nn.Module):
         layers: Sequence[torch.nn.Module],
         forwards: Sequence[Callable[..., Any]],
         autocast: torch.dtype | None,
+        rng: Sequence[LayerRng] = (),
     ) -> None:
         super().__init__()
         # registered, so the layers' trainable parameters become the graphs' inputs
         self.layers = torch.nn.ModuleList(layers)
         self.forwards = list(forwards)
         self.autocast = autocast  # the caller's autocast dtype at capture, or None
+        self.rng = list(rng)  # per layer when checkpointed (module docstring), else empty
         self.returned_tuple = False  # what a layer itself returns (transformers versions differ)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *mask: Any):  # type: ignore[no-untyped-def]
@@ -64,10 +105,22 @@ class _StackCall(torch.nn.Module):
             enabled=self.autocast is not None,
             cache_enabled=False,
         ):
-            for layer_forward in self.forwards:
-                out = layer_forward(
-                    hidden, attention_mask=mask[0] if mask else None, position_embeddings=(cos, sin)
-                )
+            for index, layer_forward in enumerate(self.forwards):
+                kwargs: dict[str, Any] = {
+                    "attention_mask": mask[0] if mask else None,
+                    "position_embeddings": (cos, sin),
+                }
+                if self.rng:
+                    out = checkpoint(
+                        layer_forward,
+                        hidden,
+                        use_reentrant=False,
+                        preserve_rng_state=False,  # the host RNG calls a capture forbids
+                        context_fn=self.rng[index].contexts,
+                        **kwargs,
+                    )
+                else:
+                    out = layer_forward(hidden, **kwargs)
                 self.returned_tuple = isinstance(out, tuple)
                 hidden = out[0] if self.returned_tuple else out
         return hidden
@@ -78,11 +131,16 @@ class GraphedLayers:
 
     Layer 0's call replays the whole stack (one forward graph, and one backward graph in the
     backward pass); each later layer, handed exactly the tensor that replay returned, passes
-    it through. Any other call runs that layer eagerly.
+    it through. Any other call runs that layer eagerly (checkpointed, when `checkpoint`, and
+    with torch's own RNG bookkeeping: outside a capture it is allowed).
     """
 
     def __init__(
-        self, layers: Sequence[torch.nn.Module], max_sets: int = 8, compile_layers: bool = False
+        self,
+        layers: Sequence[torch.nn.Module],
+        max_sets: int = 8,
+        compile_layers: bool = False,
+        checkpoint: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.eager = [layer.forward for layer in self.layers]
@@ -92,10 +150,14 @@ class GraphedLayers:
         self.inner = (
             [torch.compile(f, dynamic=True) for f in self.eager] if compile_layers else self.eager
         )
+        self.checkpoint = checkpoint
+        self.rng: list[LayerRng] = []  # made at the first capture, on the layers' device
         self.max_sets = max_sets
-        self.sets: dict[Key, Callable[..., torch.Tensor]] = {}
+        self.sets: dict[Key, _GraphedStack] = {}
         self.returns_tuple = False
         self.pool = torch.cuda.graph_pool_handle()
+        # every warm-up and capture runs on this side stream (captures need one)
+        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         self.eager_calls = 0  # layer calls that ran eagerly, and that a replay served
         self.replays = 0
         self._stack_output: torch.Tensor | None = None
@@ -113,11 +175,18 @@ class GraphedLayers:
                 if stack is not None:
                     cos, sin = kwargs["position_embeddings"]
                     mask = kwargs.get("attention_mask")
+                    for rng in self.rng:
+                        rng.level()
                     out = stack(hidden_states, cos, sin, *(() if mask is None else (mask,)))
                     self._stack_output = out
                     self.replays += 1
                     return (out,) if self.returns_tuple else out
             self.eager_calls += 1
+            layer = self.layers[index]
+            if self.checkpoint and layer.training and torch.is_grad_enabled():
+                return checkpoint(
+                    self.eager[index], hidden_states, *args, use_reentrant=False, **kwargs
+                )
             return self.eager[index](hidden_states, *args, **kwargs)
 
         forward.graphed_layers = self  # type: ignore[attr-defined]
@@ -125,7 +194,7 @@ class GraphedLayers:
 
     def _stack(
         self, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Callable[..., torch.Tensor] | None:
+    ) -> _GraphedStack | None:
         position = kwargs.get("position_embeddings")
         cached = any(
             kwargs.get(k) is not None for k in ("cache", "past_key_values", "past_key_value")
@@ -164,27 +233,28 @@ class GraphedLayers:
         hidden: torch.Tensor,
         position: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-    ) -> Callable[..., torch.Tensor] | None:
+    ) -> _GraphedStack | None:
         if not any(p.requires_grad for layer in self.layers for p in layer.parameters()):
             return None  # nothing to train in the stack: no backward to capture
-        call = _StackCall(self.layers, self.inner, autocast=key[3])
+        if self.checkpoint and not self.rng:
+            # seeds from torch's initial seed (set_seed): a rerun draws the same masks, and
+            # nothing is drawn from the generators the rest of training uses
+            base = torch.initial_seed()
+            self.rng = [
+                LayerRng(hidden.device, (base + 1 + i) * 0x9E3779B97F4A7C15 % 2**63)
+                for i in range(len(self.layers))
+            ]
+        call = _StackCall(self.layers, self.inner, autocast=key[3], rng=self.rng)
         extra = () if mask is None else (mask.detach().clone(),)
         cos, sin = (t.detach().clone() for t in position)
         sample = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, *extra)
-        self._warm_up(call, sample)  # in place of make_graphed_callables' own
-        self.returns_tuple = call.returned_tuple
-        options: dict[str, Any] = {"pool": self.pool, "num_warmup_iters": 0}
-        if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
-            # the data loader's pin-memory thread may allocate while we capture
-            options["capture_error_mode"] = "thread_local"
         before = torch.cuda.memory_allocated()
-        # make_graphed_callables refuses autocast's weight cache (the stack re-enters autocast)
-        with torch.autocast("cuda", enabled=False):
-            graphed = torch.cuda.make_graphed_callables(call, sample, **options)
-        self.sets[key] = cast(Callable[..., torch.Tensor], graphed)
+        self.sets[key] = _GraphedStack.capture(call, sample, self.pool, self.stream, self.rng)
+        self.returns_tuple = call.returned_tuple
         log.info(
-            "cuda graphs: captured %d layers for input %s (set %d of at most %d, +%.0f MiB)",
+            "cuda graphs: captured %d layers%s for input %s (set %d of at most %d, +%.0f MiB)",
             len(self.layers),
+            ", checkpointed" if self.rng else "",
             key[0],
             len(self.sets),
             self.max_sets,
@@ -192,23 +262,108 @@ class GraphedLayers:
         )
         return self.sets[key]
 
+
+class _GraphedStack:
+    """One forward and one backward CUDA graph of a `_StackCall`, replayed through autograd.
+
+    What `torch.cuda.make_graphed_callables` does for one callable, plus what it cannot: the
+    checkpointed layers' generators are registered with the graphs before capture (a graph
+    advances only the generators registered with it on each replay)."""
+
+    def __init__(self) -> None:
+        self.forward_graph = torch.cuda.CUDAGraph()
+        self.backward_graph = torch.cuda.CUDAGraph()
+        self.inputs: tuple[torch.Tensor, ...] = ()  # user inputs, then the trainable parameters
+        self.user_inputs = 0
+        self.output = torch.empty(0)
+        self.grad_output = torch.empty(0)
+        self.grad_inputs: tuple[torch.Tensor | None, ...] = ()
+
+    @classmethod
+    def capture(
+        cls,
+        call: _StackCall,
+        sample: tuple[torch.Tensor, ...],
+        pool: Any,
+        stream: torch.cuda.Stream,
+        rng: Sequence[LayerRng],
+    ) -> _GraphedStack:
+        graphed = cls()
+        params = tuple(p for p in call.parameters() if p.requires_grad)
+        graphed.inputs, graphed.user_inputs = (*sample, *params), len(sample)
+        wrt = [t for t in graphed.inputs if t.requires_grad]
+        for layer_rng in rng:
+            graphed.forward_graph.register_generator_state(layer_rng.forward)
+            graphed.backward_graph.register_generator_state(layer_rng.recompute)
+        _warm_up(call, sample, stream, rng)
+        # thread_local: the data loader's pin-memory thread may allocate while we capture
+        options: dict[str, Any] = {
+            "pool": pool,
+            "stream": stream,
+            "capture_error_mode": "thread_local",
+        }
+        # the stack re-enters autocast inside, without the weight cache a capture refuses
+        with torch.autocast("cuda", enabled=False):
+            for layer_rng in rng:
+                layer_rng.level()
+            with torch.cuda.graph(graphed.forward_graph, **options):
+                output = call(*sample)
+            graphed.grad_output = torch.empty_like(output)
+            with torch.cuda.graph(graphed.backward_graph, **options):
+                grads = torch.autograd.grad(
+                    output, wrt, graphed.grad_output, only_inputs=True, allow_unused=True
+                )
+        graphed.output = output.detach()
+        found = iter(grads)
+        graphed.grad_inputs = tuple(
+            next(found) if t.requires_grad else None for t in graphed.inputs
+        )
+        return graphed
+
+    def __call__(self, *user_inputs: torch.Tensor) -> torch.Tensor:
+        params = self.inputs[self.user_inputs :]
+        return _Replay.apply(self, *user_inputs, *params)  # type: ignore[no-any-return]
+
+
+class _Replay(torch.autograd.Function):
     @staticmethod
-    def _warm_up(call: torch.nn.Module, sample: tuple[Any, ...]) -> None:
-        """Lazy CUDA set-up (cuBLAS handles, workspaces; compilation and autotuning) out of
-        the captures, done here rather than by make_graphed_callables: torch 2.11's own
-        warm-up runs on a stream of its own and keeps its last graph alive (its parameters'
-        AccumulateGrad nodes then belong to that stream). Here: on the stream the captures
-        use, nothing kept."""
-        torch.cuda.graph(torch.cuda.CUDAGraph())  # sets graph.default_capture_stream
-        stream = torch.cuda.graph.default_capture_stream or torch.cuda.current_stream()
-        torch.cuda.synchronize()
-        with torch.cuda.stream(stream), torch.autocast("cuda", enabled=False):
-            for _ in range(2):
-                out = call(*sample)
-                wrt = [t for t in (*sample, *call.parameters()) if t.requires_grad]
-                torch.autograd.grad(out, wrt, torch.zeros_like(out), allow_unused=True)
-                del out
-        torch.cuda.synchronize()
+    def forward(ctx: Any, graphed: _GraphedStack, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.graphed = graphed
+        for static, given in zip(graphed.inputs[: graphed.user_inputs], inputs, strict=False):
+            if static.data_ptr() != given.data_ptr():
+                static.copy_(given)
+        graphed.forward_graph.replay()
+        return graphed.output.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        graphed: _GraphedStack = ctx.graphed
+        if graphed.grad_output.data_ptr() != grad.data_ptr():
+            graphed.grad_output.copy_(grad)
+        graphed.backward_graph.replay()
+        return (None, *(g.detach() if g is not None else None for g in graphed.grad_inputs))
+
+
+def _warm_up(
+    call: torch.nn.Module,
+    sample: tuple[Any, ...],
+    stream: torch.cuda.Stream,
+    rng: Sequence[LayerRng],
+) -> None:
+    """Lazy CUDA set-up (cuBLAS handles, workspaces; compilation and autotuning) out of the
+    captures, on the stream they use, nothing kept (torch 2.11's make_graphed_callables warmed
+    up on a stream of its own and kept its last autograd graph alive)."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.autocast("cuda", enabled=False):
+        for _ in range(2):
+            for layer_rng in rng:
+                layer_rng.level()
+            out = call(*sample)
+            wrt = [t for t in (*sample, *call.parameters()) if t.requires_grad]
+            torch.autograd.grad(out, wrt, torch.zeros_like(out), allow_unused=True)
+            del out
+    torch.cuda.synchronize()
 
 
 def installed(layer: torch.nn.Module) -> GraphedLayers | None:

@@ -36,15 +36,15 @@ from accelerate.utils import is_peft_model
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask, pack_rows
+from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask, pack_rows_tightly
 
 
 @dataclass
 class PackedPreferenceCollator:
     """Packed rows per micro-batch of preference pairs (see the module docstring).
 
-    Sequences are laid in order into rows of at most `row_tokens` tokens (a sequence longer
-    than that gets a row of its own): attention over a row costs its width squared, so long
+    Sequences are laid into rows of at most `row_tokens` tokens, longest first, each into the
+    first row with room (a sequence longer than that gets a row of its own): attention over a row costs its width squared, so long
     DPO sequences are not all packed into one row. `pad_to_multiple_of` rounds the row width
     up to a few shapes (what the compiled layers see); each row's pad tail is its own segment.
     """
@@ -62,7 +62,7 @@ class PackedPreferenceCollator:
                 if self.max_length is not None:
                     ids = ids[: self.max_length]
                 sequences.append((ids, len(example["prompt_ids"])))
-        rows = pack_rows([len(ids) for ids, _ in sequences], max(self.row_tokens, 1))
+        rows = pack_rows_tightly([len(ids) for ids, _ in sequences], max(self.row_tokens, 1))
         longest = max(sum(len(sequences[i][0]) for i in row) for row in rows)
         multiple = max(self.pad_to_multiple_of, 1)
         width = int(math.ceil(longest / multiple) * multiple)

@@ -95,6 +95,23 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def pack_rows_tightly(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: the longest first, each into the first row with room. Fewer and
+    fuller rows than `pack_rows` where the order of a micro-batch's examples does not matter
+    (DPO's sequences are summed per segment id, wherever they lie)."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, u in enumerate(used) if u + lengths[index] <= row_tokens), None)
+        if row is None:
+            rows.append([index])
+            used.append(lengths[index])
+        else:
+            rows[row].append(index)
+            used[row] += lengths[index]
+    return rows
+
+
 @dataclass
 class PackingCollator:
     """Padding-free collator: packed rows, restarting position ids, block-diagonal 4D mask.
@@ -257,8 +274,11 @@ class PerfOptions:
     # CUDA graphs over the decoder stack, captured by hand per row width (cuda_graphs.py): one
     # forward and one backward replay per micro-batch. With compile_layers the layers are
     # compiled inside the graphs; without, liger_layers applies. Needs StableGradients as a
-    # callback, and no gradient checkpointing (its RNG bookkeeping cannot be captured).
+    # callback, and the model's own gradient checkpointing off: `graph_checkpointing` does it
+    # inside the graphs instead (torch's checkpoint keeps RNG state on the host, which a
+    # capture forbids; cuda_graphs.LayerRng says how this one stays exact).
     cuda_graphs: bool = False
+    graph_checkpointing: bool = False
 
     @classmethod
     def for_device(
@@ -392,10 +412,15 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
 
         if options.compile_layers:  # compiled inside the graphs
             _room_for_layer_compiles()
-        graphed = GraphedLayers(decoder_layers(model), compile_layers=options.compile_layers)
+        graphed = GraphedLayers(
+            decoder_layers(model),
+            compile_layers=options.compile_layers,
+            checkpoint=options.graph_checkpointing,
+        )
         applied.append(
             f"CUDA graphs over {len(graphed.layers)} decoder layers"
             + (" (compiled inside)" if options.compile_layers else "")
+            + (" (checkpointed inside)" if options.graph_checkpointing else "")
         )
     elif options.compile_layers:
         count = compile_decoder_layers(model)
