@@ -21,6 +21,8 @@
 #          LoRA and QLoRA as the trainer runs them (compiled inside, the model's own loss)
 #   dprofile (1 GPU, session 5) where a DPO micro-batch goes (eager packed, rows of 1024,
 #          Liger layers, no checkpointing; the baseline)
+#   dgraphs (1 GPU, session 5) DPO under graphs checkpointed inside: GPU tests; eager, Liger
+#          and compiled layers inside; the baseline
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -121,6 +123,18 @@ phase=$2
     BENCH_NO_COMPILE=1 BENCH_DPO_ROW_TOKENS=1024 $C --tag row1024- --path ours; save
     BENCH_NO_COMPILE=1 BENCH_LIGER_LAYERS=1 $C --tag ligerl- --path ours; save
     BENCH_NO_COMPILE=1 BENCH_DPO_NO_CKPT=1 BENCH_DPO_ROW_TOKENS=1024 $C --tag nockpt-row1024- --path ours; save
+    timeout 80 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
+  elif [ "$phase" = dgraphs ]; then
+    # (session 5) DPO under CUDA graphs of the stack, checkpointed inside (capture-safe RNG):
+    # the GPU tests; rows of 1024 packed tightly, eager layers inside, Liger layers, compiled
+    # inside; the baseline (plain TRL, its checkpointing) in the same call
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+    PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/trainer/test_cuda_graphs.py 2>&1 | grep -v Warning | tail -30
+    C="timeout 120 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --bucket 1024 --steps 6 --warmup-steps 2 --profile-step 6 --profile-micro-batches 2"
+    export BENCH_DPO_ROW_TOKENS=1024
+    $C --path ours-graphs; save
+    BENCH_LIGER_LAYERS=1 $C --tag ligerl- --path ours-graphs; save
+    BENCH_GRAPHS_COMPILE=1 timeout 200 $C --tag compiled- --path ours-graphs; save
     timeout 80 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
