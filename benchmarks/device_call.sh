@@ -130,11 +130,11 @@ phase=$2
     # inside; the baseline (plain TRL, its checkpointing) in the same call
     save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
     PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/trainer/test_cuda_graphs.py 2>&1 | grep -v Warning | tail -30
-    C="timeout 120 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --bucket 1024 --steps 6 --warmup-steps 2 --profile-step 6 --profile-micro-batches 2"
+    C="python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --bucket 1024 --steps 6 --warmup-steps 2 --profile-step 6 --profile-micro-batches 2"
     export BENCH_DPO_ROW_TOKENS=1024
-    $C --path ours-graphs; save
-    BENCH_LIGER_LAYERS=1 $C --tag ligerl- --path ours-graphs; save
-    BENCH_GRAPHS_COMPILE=1 timeout 200 $C --tag compiled- --path ours-graphs; save
+    timeout 120 $C --path ours-graphs; save
+    BENCH_LIGER_LAYERS=1 timeout 100 $C --tag ligerl- --path ours-graphs; save
+    BENCH_GRAPHS_COMPILE=1 timeout 170 $C --tag compiled- --path ours-graphs; save
     timeout 80 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
