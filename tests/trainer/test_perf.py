@@ -227,6 +227,25 @@ def test_graphs_fit_only_where_measured() -> None:
     assert not perf.graphs_fit("xpu", 2, 256, world_size=1, gradient_checkpointing=False)
 
 
+def test_dpo_under_graphs_only_where_measured() -> None:
+    assert perf.dpo_graphs_fit("cuda", 4, world_size=1)
+    assert not perf.dpo_graphs_fit("cuda", "auto", world_size=1)
+    assert not perf.dpo_graphs_fit("cuda", 4, world_size=2)
+    assert not perf.dpo_graphs_fit("xpu", 4, world_size=1)
+    graphed = perf.PerfOptions.for_dpo("cuda", True, cuda_graphs=True, checkpoint=True)
+    # eager layers inside (the reference pass is eager and must round as the policy does),
+    # the packed loss (no fused mean cross-entropy), checkpointing inside the graphs
+    assert graphed.cuda_graphs and graphed.graph_checkpointing
+    assert not graphed.compile_layers and not graphed.liger_loss
+    assert not perf.PerfOptions.for_dpo("cuda", True, True, checkpoint=False).graph_checkpointing
+    for off in (
+        perf.PerfOptions.for_dpo("cuda", False, True, True),  # fusedKernels: false
+        perf.PerfOptions.for_dpo("cuda", True, False, True),  # graphs do not fit
+        perf.PerfOptions.for_dpo("cpu", True, True, True),
+    ):
+        assert not (off.cuda_graphs or off.compile_layers or off.liger_layers or off.liger_loss)
+
+
 def test_candidate_micro_batches_keep_the_batch_rule() -> None:
     for world in (1, 2, 4, 8):
         for m in perf.candidate_micro_batches(128, world):

@@ -297,6 +297,26 @@ class PerfOptions:
             return cls(compile_layers=True, liger_loss=False, cuda_graphs=True)
         return cls(compile_layers=True, liger_loss=liger_available(), liger_layers=False)
 
+    @classmethod
+    def for_dpo(
+        cls, device_kind: str, fused_kernels: bool, cuda_graphs: bool, checkpoint: bool
+    ) -> PerfOptions:
+        """packed_dpo's switches. Under graphs (where `dpo_graphs_fit`): the layers eager
+        inside them, with Liger's RMSNorm/SwiGLU/RoPE where installed, checkpointed inside when
+        asked. Eager, not compiled: the reference pass (the adapter off, no grad) runs eagerly
+        and must round as the policy does, or at the first step, where policy and reference
+        are the same model, the DPO margin is not zero (the second session measured 6e-3 in the
+        loss with compiled layers). Without graphs: nothing (the eager packed path, measured)."""
+        if not fused_kernels or device_kind != "cuda" or not cuda_graphs:
+            return cls(compile_layers=False, liger_loss=False, liger_layers=False)
+        return cls(
+            compile_layers=False,
+            liger_loss=False,  # the packed loss needs per-token log-probs, not a mean
+            liger_layers=liger_available(),
+            cuda_graphs=True,
+            graph_checkpointing=checkpoint,
+        )
+
 
 # Rows are rounded up to this many tokens under CUDA graphs: one graph set per width, and
 # GRAPH_ROW_LIMIT / GRAPH_BUCKET sets at most (pad tokens are their own segment: exact).
@@ -323,6 +343,20 @@ def graphs_fit(
         and micro_batch * cutoff_len <= GRAPH_ROW_LIMIT
         and not gradient_checkpointing
     )
+
+
+# DPO under CUDA graphs: rows of exactly this many tokens (a sequence longer than that gets a
+# row of its own, rounded up to a multiple), so a micro-batch's shape is its row count: a few
+# graph sets. Measured on an H200 (benchmarks/README.md, fifth session): attention over rows of
+# 4096 took 2.8x the time of rows of 1024 for the same tokens.
+DPO_GRAPH_ROW_TOKENS = 1024
+
+
+def dpo_graphs_fit(device_kind: str, micro_batch: int | str, world_size: int) -> bool:
+    """Where DPO runs under CUDA graphs of the decoder stack (packed_dpo): one CUDA process
+    (DDP under graphs is not measured) and a fixed micro-batch. Gradient checkpointing, when
+    asked for, runs inside the graphs (`PerfOptions.graph_checkpointing`)."""
+    return device_kind == "cuda" and world_size == 1 and isinstance(micro_batch, int)
 
 
 def liger_available() -> bool:

@@ -383,15 +383,30 @@ def build_trainer(
 
         from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
 
-        args = training_arguments(config, device, world)
+        # paddingFree: packed rows and TRL's loss without its per-micro-batch host reads
+        # (packed_dpo; exact); on one CUDA GPU under CUDA graphs of the decoder stack (issue 7,
+        # benchmarks/README.md), checkpointed inside them when asked, not by the model.
+        assert config.dpo is not None
+        packed = config.padding_free
+        graphs = packed and perf.dpo_graphs_fit(
+            device.kind, config.micro_batch_size, world.world_size
+        )
+        options = perf.PerfOptions.for_dpo(
+            device.kind, config.fused_kernels, graphs, config.gradient_checkpointing
+        )
+        as_built = (
+            config.model_copy(update={"gradient_checkpointing": False})
+            if options.graph_checkpointing
+            else config
+        )
+        args = training_arguments(as_built, device, world)
         train_data, eval_data = _datasets(config, tokenizer, args)
         # LoRA adapter on the (optionally 4-bit) base; the reference is the base with the
         # adapter switched off, so no second model is held in memory.
-        base = prepare_model(config, device)
-        # paddingFree: packed rows and TRL's loss without its per-micro-batch host reads
-        # (packed_dpo; exact, 1.46x plain TRL on an H200, benchmarks/README.md).
-        assert config.dpo is not None
-        packed = config.padding_free
+        base = prepare_model(as_built, device)
+        rows = (
+            perf.DPO_GRAPH_ROW_TOKENS if options.cuda_graphs else max(4096, config.dpo.max_length)
+        )
         trainer: Any = (PackedDPOTrainer if packed else DPOTrainer)(
             model=base,
             args=args,
@@ -403,11 +418,16 @@ def build_trainer(
             data_collator=PackedPreferenceCollator(
                 pad_token_id=tokenizer.pad_token_id,
                 max_length=config.dpo.max_length,
-                row_tokens=max(4096, config.dpo.max_length),
+                row_tokens=rows,
+                # under graphs every row is `rows` wide: a micro-batch's shape is its row count
+                pad_to_multiple_of=rows if options.cuda_graphs else 64,
             )
             if packed
             else None,
         )
+        if options.cuda_graphs:  # on the model TRL wrapped (its adapter is in the layers)
+            perf.optimize_model(trainer.model, options)
+            trainer.add_callback(perf.StableGradients(trainer.model).callback())
         return perf.trim_repeated_host_work(trainer), tokenizer, config
     from transformers import Trainer
 
