@@ -189,3 +189,29 @@ def _drawing(forward: Any, generator: torch.Generator) -> Any:
             return forward(*args, **kwargs)
 
     return drawing
+
+
+def test_reference_pass_replays_the_policy_graph_as_the_adapter_off() -> None:
+    """DPO's reference under graphs: the policy's forward graph with LoRA B zeroed, under
+    no_grad, gives the adapter-off model's logits, and puts B back."""
+    model = lora(tiny_llama().cuda())  # B non-zero: the adapter changes the logits
+    perf.optimize_model(
+        model, perf.PerfOptions(compile_layers=False, liger_loss=False, cuda_graphs=True)
+    )
+    owner = cuda_graphs.installed(perf.decoder_layers(model)[0])
+    assert owner is not None
+    batch = {
+        k: v.cuda() for k, v in perf.PackingCollator(pad_to_multiple_of=32)(examples(2)).items()
+    }
+    with torch.no_grad():
+        with model.disable_adapter():
+            expected = model(**batch).logits
+        policy = model(**batch).logits  # no_grad outside a reference pass: eager
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    before = [p.detach().clone() for p in lora_b]
+    with torch.no_grad(), owner.reference_pass(lora_b):
+        got = model(**batch).logits
+    assert rel(policy, expected) > 1e-3  # the adapter matters here
+    assert rel(got, expected) < 1e-5
+    assert all(torch.equal(p, b) for p, b in zip(lora_b, before, strict=True))
+    assert len(owner.sets) == 1 and owner.replays == len(perf.decoder_layers(model))

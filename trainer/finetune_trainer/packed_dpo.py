@@ -18,6 +18,11 @@ metrics back to the host several times per micro-batch. Here:
   it against the unpacked trainer). Reward margin and accuracy are kept on the device and read
   once per logging step.
 
+Under CUDA graphs of the decoder stack (`cuda_graphs`, one CUDA GPU) the reference pass
+replays the policy's own forward graph with the LoRA B matrices zeroed (B = 0 is the adapter
+off, for plain LoRA): reference and policy then round alike, and the margin at the first step,
+where they are one model, is exactly zero.
+
 Anything else (other loss types, precomputed reference log-probs, a separate reference
 model, weighting) goes to DPOTrainer's own code: the collator's `segments` key is the switch.
 """
@@ -36,7 +41,8 @@ from accelerate.utils import is_peft_model
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask, pack_rows_tightly
+from finetune_trainer.cuda_graphs import GraphedLayers, installed
+from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask, decoder_layers, pack_rows_tightly
 
 
 @dataclass
@@ -114,12 +120,30 @@ def sequence_logps(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return sums.index_add(0, segments, token_logps)
 
 
+def _graphed_layers(model: Any) -> GraphedLayers | None:
+    try:
+        layers = decoder_layers(model)
+    except (AttributeError, TypeError):
+        return None
+    return installed(layers[0]) if layers else None
+
+
+def _plain_lora_b(model: Any) -> list[torch.Tensor]:
+    """The active adapter's LoRA B matrices, if it is plain LoRA (B = 0 is then the adapter
+    off; not so for DoRA's magnitudes); else none."""
+    configs = getattr(model, "peft_config", {})
+    if len(configs) != 1 or any(getattr(c, "use_dora", False) for c in configs.values()):
+        return []
+    return [p for name, p in model.named_parameters() if "lora_B" in name]
+
+
 class PackedDPOTrainer(DPOTrainer):
     """DPOTrainer whose sigmoid loss runs on `PackedPreferenceCollator` rows."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._packed_stats: dict[str, torch.Tensor] = {}
+        self._graph_reference: tuple[GraphedLayers | None, list[torch.Tensor]] | None = None
 
     def _packed_supported(self) -> bool:
         return (
@@ -137,11 +161,20 @@ class PackedDPOTrainer(DPOTrainer):
             return super()._compute_loss(model, inputs, return_outputs)  # type: ignore[no-untyped-call]
         with torch.no_grad():
             # TRL's reference: the adapter switched off, or the initial copy "ref" when an
-            # existing adapter is trained further
+            # existing adapter is trained further. Under CUDA graphs of the decoder stack: the
+            # policy's own graph with the LoRA B matrices zeroed (the same function: B = 0
+            # is the adapter off), so reference and policy round alike (cuda_graphs says why).
             unwrapped = self.accelerator.unwrap_model(self.model)
             ref_adapter = "ref" if "ref" in unwrapped.peft_config else None
-            with use_adapter(unwrapped, adapter_name=ref_adapter):
-                ref_chosen, ref_rejected = sequence_logps(self.model, inputs).chunk(2)
+            if self._graph_reference is None:  # once: the graphs are installed after __init__
+                self._graph_reference = (_graphed_layers(unwrapped), _plain_lora_b(unwrapped))
+            graphed, lora_b = self._graph_reference
+            if graphed is not None and ref_adapter is None and lora_b:
+                with graphed.reference_pass(lora_b):
+                    ref_chosen, ref_rejected = sequence_logps(self.model, inputs).chunk(2)
+            else:
+                with use_adapter(unwrapped, adapter_name=ref_adapter):
+                    ref_chosen, ref_rejected = sequence_logps(self.model, inputs).chunk(2)
         chosen, rejected = sequence_logps(model, inputs).chunk(2)
         margin = (chosen - ref_chosen) - (rejected - ref_rejected)
         loss = -F.logsigmoid(self.beta * margin).mean()
