@@ -186,3 +186,26 @@ def test_stable_gradients_accumulate_in_place() -> None:
     for p, v, t in zip(params, views, twice, strict=True):
         assert p.grad is v
         assert torch.allclose(2 * p.grad, t, rtol=1e-5, atol=1e-7)
+
+
+def test_sequence_logps_reads_only_the_label_logits() -> None:
+    """The output layer sees only the positions whose next token is a label, and the sums
+    are those of the full logits."""
+    from finetune_trainer.packed_dpo import PackedPreferenceCollator, sequence_logps
+
+    model = base_model()
+    features = [
+        {"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 2], "rejected_ids": [11, 2]},
+        {"prompt_ids": [12, 13], "chosen_ids": [14, 15, 16, 2], "rejected_ids": [17, 18, 2]},
+    ]
+    inputs = PackedPreferenceCollator(pad_to_multiple_of=8, row_tokens=12)(features)
+    full = {k: v for k, v in inputs.items() if not k.startswith("label_")}
+    widths: list[int] = []
+    head = perf.causal_lm(model).get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: widths.append(out.shape[:-1].numel()))
+    with torch.no_grad():
+        picked, everything = sequence_logps(model, inputs), sequence_logps(model, full)
+    handle.remove()
+    labelled = int((inputs["labels"][:, 1:] != -100).sum())
+    assert widths == [labelled, inputs["input_ids"].numel()] and labelled == 12
+    assert torch.allclose(picked, everything, atol=1e-5)

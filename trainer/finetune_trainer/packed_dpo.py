@@ -42,7 +42,13 @@ from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from finetune_trainer.cuda_graphs import GraphedLayers, installed
-from finetune_trainer.perf import IGNORE_INDEX, block_causal_mask, decoder_layers, pack_rows_tightly
+from finetune_trainer.perf import (
+    IGNORE_INDEX,
+    block_causal_mask,
+    causal_lm,
+    decoder_layers,
+    pack_rows_tightly,
+)
 
 
 @dataclass
@@ -91,6 +97,10 @@ class PackedPreferenceCollator:
                 segments[r, at : at + length] = index
                 at += length
             position_ids[r, at:] = torch.arange(width - at)
+        # where a next token is a label: the only logits the loss reads (about half the
+        # tokens; the rest are prompt and padding), as flat indices into the rows
+        predicted = labels[:, 1:] != IGNORE_INDEX
+        rows_at, columns_at = predicted.nonzero(as_tuple=True)
         # the mask needs one id per segment within a row: pad (-1) is its own segment there
         return {
             "input_ids": input_ids,
@@ -99,21 +109,47 @@ class PackedPreferenceCollator:
             "labels": labels,
             "segments": segments,
             "sequence_ids": torch.arange(len(sequences)),
+            "label_positions": rows_at * width + columns_at,
+            "label_targets": labels[:, 1:][predicted],
+            "label_segments": segments[:, 1:][predicted],
         }
 
 
 def sequence_logps(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed completion log-probs of each packed sequence: [2B], chosen first."""
-    outputs = model(
-        input_ids=inputs["input_ids"],
-        position_ids=inputs["position_ids"],
-        attention_mask=inputs["attention_mask"],
-        use_cache=False,
-    )
-    logits = outputs.logits[:, :-1].flatten(0, 1).float()
-    labels = inputs["labels"][:, 1:].flatten()
+    """Summed completion log-probs of each packed sequence: [2B], chosen first.
+
+    With the collator's `label_positions`, the output layer sees only the hidden states whose
+    next token is a label (a forward pre-hook picks them, inside the model's own forward and
+    its autocast): the same logits for those tokens, without the (tokens x vocab) fp32
+    logits, their softmax and their gradient for prompt and padding, which set DPO's peak
+    memory."""
+    positions = inputs.get("label_positions")
+    head = causal_lm(model).get_output_embeddings() if positions is not None else None
+    hook = None
+    if head is not None:
+
+        def pick(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (args[0].flatten(0, 1).index_select(0, positions).unsqueeze(0), *args[1:])
+
+        hook = head.register_forward_pre_hook(pick)
+    try:
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            position_ids=inputs["position_ids"],
+            attention_mask=inputs["attention_mask"],
+            use_cache=False,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    if hook is not None:
+        logits = outputs.logits[0].float()
+        labels, segments = inputs["label_targets"], inputs["label_segments"]
+    else:
+        logits = outputs.logits[:, :-1].flatten(0, 1).float()
+        labels = inputs["labels"][:, 1:].flatten()
+        segments = inputs["segments"][:, 1:].flatten().clamp(min=0)  # ignored tokens add 0
     token_logps = -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    segments = inputs["segments"][:, 1:].flatten().clamp(min=0)  # ignored tokens add 0
     sums = torch.zeros(
         inputs["sequence_ids"].numel(), device=token_logps.device, dtype=token_logps.dtype
     )
