@@ -24,6 +24,7 @@
 #   dgraphs (1 GPU, session 5) DPO under graphs checkpointed inside: GPU tests; eager, Liger
 #          and compiled layers inside; the baseline
 #   dgraphs2 (1 GPU, session 5) the same, the reference through the policy's graph
+#   dfinal (1 GPU, session 5) GPU tests; DPO as the trainer runs it; the baseline; compiled
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -147,6 +148,17 @@ phase=$2
     BENCH_GRAPHS_COMPILE=1 timeout 200 $C --tag compiled- --path ours-graphs; save
     BENCH_LIGER_LAYERS=1 timeout 110 $C --tag ligerl- --path ours-graphs; save
     timeout 80 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
+  elif [ "$phase" = dfinal ]; then
+    # (session 5) the GPU tests (the product's DPO path end to end too); DPO as the trainer
+    # runs it (graphs, Liger layers inside, checkpointed inside, the reference through the
+    # policy's graph, logits only where labels are); the baseline; then compiled inside
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+    PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/trainer/test_cuda_graphs.py > "$OUT/pytest.txt" 2>&1; tail -12 "$OUT/pytest.txt"
+    C="python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --bucket 1024 --steps 9 --warmup-steps 5 --profile-step 9 --profile-micro-batches 2"
+    export BENCH_DPO_ROW_TOKENS=1024
+    BENCH_LIGER_LAYERS=1 timeout 100 $C --tag ligerl- --path ours-graphs; save
+    timeout 75 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
+    BENCH_GRAPHS_COMPILE=1 timeout 150 $C --tag compiled- --path ours-graphs; save
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

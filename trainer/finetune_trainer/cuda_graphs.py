@@ -37,10 +37,11 @@ checkpointing with `preserve_rng_state`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -153,11 +154,9 @@ class GraphedLayers:
         self.checkpoint = checkpoint
         self.rng: list[LayerRng] = []  # made at the first capture, on the layers' device
         self.max_sets = max_sets
-        self.sets: dict[Key, _GraphedStack] = {}
+        self.sets: dict[Key, Callable[..., torch.Tensor]] = {}
         self.returns_tuple = False
         self.pool = torch.cuda.graph_pool_handle()
-        # every warm-up and capture runs on this side stream (captures need one)
-        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         self.eager_calls = 0  # layer calls that ran eagerly, and that a replay served
         self.replays = 0
         self._stack_output: torch.Tensor | None = None
@@ -195,7 +194,7 @@ class GraphedLayers:
 
     def _stack(
         self, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> _GraphedStack | None:
+    ) -> Callable[..., torch.Tensor] | None:
         position = kwargs.get("position_embeddings")
         cached = any(
             kwargs.get(k) is not None for k in ("cache", "past_key_values", "past_key_value")
@@ -256,7 +255,7 @@ class GraphedLayers:
         hidden: torch.Tensor,
         position: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-    ) -> _GraphedStack | None:
+    ) -> Callable[..., torch.Tensor] | None:
         if not any(p.requires_grad for layer in self.layers for p in layer.parameters()):
             return None  # nothing to train in the stack: no backward to capture
         if self.checkpoint and not self.rng:
@@ -272,7 +271,17 @@ class GraphedLayers:
         cos, sin = (t.detach().clone() for t in position)
         sample = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, *extra)
         before = torch.cuda.memory_allocated()
-        self.sets[key] = _GraphedStack.capture(call, sample, self.pool, self.stream, self.rng)
+        stream = _capture_stream()
+        _warm_up(call, sample, stream, self.rng)  # in place of make_graphed_callables' own
+        if self.rng:  # checkpointed: its generators must be registered with the graphs
+            self.sets[key] = _GraphedStack.capture(call, sample, self.pool, stream, self.rng)
+        else:  # as measured in the fourth session
+            with torch.autocast("cuda", enabled=False):  # (_GraphedStack.capture says why)
+                options: dict[str, Any] = {"pool": self.pool, "num_warmup_iters": 0}
+                graphed = torch.cuda.make_graphed_callables(
+                    call, sample, **(options | _THREAD_LOCAL)
+                )
+            self.sets[key] = cast(Callable[..., torch.Tensor], graphed)
         self.returns_tuple = call.returned_tuple
         log.info(
             "cuda graphs: captured %d layers%s for input %s (set %d of at most %d, +%.0f MiB)",
@@ -318,13 +327,7 @@ class _GraphedStack:
         for layer_rng in rng:
             graphed.forward_graph.register_generator_state(layer_rng.forward)
             graphed.backward_graph.register_generator_state(layer_rng.recompute)
-        _warm_up(call, sample, stream, rng)
-        # thread_local: the data loader's pin-memory thread may allocate while we capture
-        options: dict[str, Any] = {
-            "pool": pool,
-            "stream": stream,
-            "capture_error_mode": "thread_local",
-        }
+        options: dict[str, Any] = {"pool": pool, "stream": stream, **_THREAD_LOCAL}
         # the stack re-enters autocast inside, without the weight cache a capture refuses
         with torch.autocast("cuda", enabled=False):
             for layer_rng in rng:
@@ -368,6 +371,20 @@ class _Replay(torch.autograd.Function):
         return (None, *(g.detach() if g is not None else None for g in graphed.grad_inputs))
 
 
+# the data loader's pin-memory thread may allocate while we capture
+_THREAD_LOCAL: dict[str, Any] = (
+    {"capture_error_mode": "thread_local"}
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters
+    else {}
+)
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """torch.cuda.graph's default capture stream (what make_graphed_callables captures on)."""
+    torch.cuda.graph(torch.cuda.CUDAGraph())  # sets graph.default_capture_stream
+    return torch.cuda.graph.default_capture_stream or torch.cuda.current_stream()
+
+
 def _warm_up(
     call: torch.nn.Module,
     sample: tuple[Any, ...],
@@ -375,9 +392,10 @@ def _warm_up(
     rng: Sequence[LayerRng],
 ) -> None:
     """Lazy CUDA set-up (cuBLAS handles, workspaces; compilation and autotuning) out of the
-    captures, on the stream they use, nothing kept (torch 2.11's make_graphed_callables warmed
-    up on a stream of its own and kept its last autograd graph alive)."""
-    stream.wait_stream(torch.cuda.current_stream())
+    captures, on the stream they use, nothing kept (torch 2.11's make_graphed_callables warms
+    up on a stream of its own and keeps its last autograd graph alive: its parameters'
+    AccumulateGrad nodes then belong to that stream)."""
+    torch.cuda.synchronize()
     with torch.cuda.stream(stream), torch.autocast("cuda", enabled=False):
         for _ in range(2):
             for layer_rng in rng:
