@@ -159,6 +159,13 @@ phase=$2
     BENCH_LIGER_LAYERS=1 timeout 100 $C --tag ligerl- --path ours-graphs; save
     timeout 75 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
     BENCH_GRAPHS_COMPILE=1 timeout 150 $C --tag compiled- --path ours-graphs; save
+  elif [ "$phase" = dtests ]; then
+    # (session 5) the GPU tests one process each (a failed capture leaves the CUDA generator
+    # in capture mode, failing every later test of the process)
+    T=tests/trainer/test_cuda_graphs.py
+    for t in "test_graphed_layers_same_loss_and_accumulated_grads and bf16-checkpointed" "test_reference_pass" "test_finetune_train_dpo" "test_checkpointed_graphs_recompute" "bf16-base-no-autocast"; do
+      echo "== $t"; PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -k "$t" $T > "$OUT/t.txt" 2>&1; grep -E "passed|failed|Error|error:|assert" "$OUT/t.txt" | grep -v Warning | tail -6
+    done
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

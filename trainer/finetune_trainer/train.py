@@ -263,6 +263,23 @@ def init_distributed(device: DeviceInfo, world: World) -> None:
     dist.init_process_group(backend=device.backend)
 
 
+def _checkpointing_argument() -> str:
+    """transformers renamed gradient_checkpointing to activation_checkpointing (5.2x; the old
+    name is a deprecated alias there, and TRL's configs set the old one to True): the name this
+    transformers has."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
+
+
+_CHECKPOINTING = _checkpointing_argument()
+
+
 def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World) -> Any:
     """TrainingArguments (DPOConfig for dpo) from the resolved config, nothing else."""
     from transformers import TrainingArguments
@@ -291,8 +308,8 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         "seed": config.seed,
         "data_seed": config.seed,
         "use_cpu": device.kind == "cpu",
-        "activation_checkpointing": config.gradient_checkpointing,
-        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        _CHECKPOINTING: config.gradient_checkpointing,
+        f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": False,
         "include_num_input_tokens_seen": "non_padding",
         "average_tokens_across_devices": True,
