@@ -42,9 +42,14 @@ def accumulate(model: Any, batches: list[dict[str, torch.Tensor]], bf16: bool) -
         on_device = {k: v.cuda() for k, v in batch.items()}
         n_items = int((batch["labels"][:, 1:] != -100).sum())
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            out = model(**on_device, num_items_in_batch=torch.tensor(n_items))
-        out.loss.backward()
-        losses.append(float(out.loss.detach()))
+            loss = model(**on_device, num_items_in_batch=torch.tensor(n_items)).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+        # as Trainer does: nothing of this micro-batch's autograd graph outlives it. Kept
+        # alive into the next forward, its parameters' AccumulateGrad nodes (made on the
+        # default stream by the replay) are reused by a new width's backward capture, whose
+        # stream sync then fails (session 5, the checkpointed capture on an H200).
+        del loss
     return losses
 
 
