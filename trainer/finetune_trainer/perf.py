@@ -334,8 +334,8 @@ def graphs_fit(
     """Where CUDA graphs of the decoder stack are the measured default: one CUDA process
     (measured on one GPU; DDP under graphs is not), a fixed micro-batch whose packed row is at
     most GRAPH_ROW_LIMIT tokens (the launch-bound regime; `auto` picks large micro-batches,
-    which are GPU-bound already), and no gradient checkpointing (its RNG bookkeeping cannot
-    be captured)."""
+    which are GPU-bound already), and no gradient checkpointing (checkpointing inside the
+    graphs, `graph_checkpointing`, is measured for DPO only: `dpo_graphs_fit`)."""
     return (
         device_kind == "cuda"
         and world_size == 1
