@@ -368,14 +368,16 @@ def liger_available() -> bool:
 
 
 def causal_lm(model: Any) -> Any:
-    """The transformers *ForCausalLM inside a peft wrapper (or the model itself).
+    """The transformers *ForCausalLM inside DDP and peft wrappers (or the model itself).
 
     Not `hasattr(model, "lm_head")`: peft wrappers forward attribute lookups to the wrapped
     model, so they answer yes too.
     """
     inner = model
-    for _ in range(4):
-        if hasattr(inner, "get_base_model"):  # peft's PeftModelForCausalLM too
+    for _ in range(5):
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+        elif hasattr(inner, "get_base_model"):  # peft's PeftModelForCausalLM too
             inner = inner.get_base_model()
         elif type(inner).__name__.endswith("ForCausalLM"):
             return inner
