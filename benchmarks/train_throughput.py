@@ -321,6 +321,14 @@ class Recorder:
         self.last = 0.0
         self.mark = (0, 0.0, 0)
 
+    def profiling(self, args: argparse.Namespace, rank: int) -> Recorder:
+        """The profilers the command line asks for (torch.profiler on rank 0 only)."""
+        if args.profile_step and rank == 0:
+            self.profile_step = args.profile_step
+        self.cprofile_step = args.cprofile_step
+        self.profile_micro_batches = args.profile_micro_batches or self.profile_micro_batches
+        return self
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -582,11 +590,7 @@ def child(args: argparse.Namespace) -> None:
         accumulation = per_rank // micro
     counter = Counting(inner, flops_fn)
     rows = synthetic_alpaca(args.examples, args.cutoff, cfg.vocab_size)
-    recorder = Recorder(counter, device)
-    if args.profile_step and rank == 0:
-        recorder.profile_step = args.profile_step
-    recorder.cprofile_step = args.cprofile_step
-    recorder.profile_micro_batches = args.profile_micro_batches or recorder.profile_micro_batches
+    recorder = Recorder(counter, device).profiling(args, rank)
     trainer = Trainer(
         model=model,
         args=targs,
@@ -695,9 +699,9 @@ def child_dpo(args: argparse.Namespace) -> None:
     inner: Any
     if ours:
         graphs = "graphs" in path and cuda
-        # under graphs: eager layers inside unless BENCH_GRAPHS_COMPILE (the reference pass
-        # runs eagerly, and must round as the policy does), checkpointed inside the graphs
-        # where TRL would checkpoint (its default) unless BENCH_DPO_NO_CKPT
+        # under graphs: eager layers inside unless BENCH_GRAPHS_COMPILE (as the trainer:
+        # PerfOptions.for_dpo says why), checkpointed inside the graphs where TRL would
+        # checkpoint (its default) unless BENCH_DPO_NO_CKPT
         options = perf.PerfOptions(
             compile_layers=(cuda or args.tiny_cpu)
             and not os.environ.get("BENCH_NO_COMPILE")
@@ -750,11 +754,7 @@ def child_dpo(args: argparse.Namespace) -> None:
         kwargs["gradient_checkpointing"] = False
     targs = DPOConfig(**kwargs)
     counter = PairCounting(inner, flops_fn, args.dpo_max_length)
-    recorder = Recorder(counter, device)  # type: ignore[arg-type]
-    if args.profile_step and rank == 0:
-        recorder.profile_step = args.profile_step
-    recorder.cprofile_step = args.cprofile_step
-    recorder.profile_micro_batches = args.profile_micro_batches or recorder.profile_micro_batches
+    recorder = Recorder(counter, device).profiling(args, rank)  # type: ignore[arg-type]
     trainer_class = PackedDPOTrainer if ours else DPOTrainer
     torch.manual_seed(42)  # the LoRA A matrices TRL draws: the same in both paths
     trainer = trainer_class(

@@ -56,8 +56,8 @@ class PackedPreferenceCollator:
     """Packed rows per micro-batch of preference pairs (see the module docstring).
 
     Sequences are laid into rows of at most `row_tokens` tokens, longest first, each into the
-    first row with room (a sequence longer than that gets a row of its own): attention over a row costs its width squared, so long
-    DPO sequences are not all packed into one row. `pad_to_multiple_of` rounds the row width
+    first row with room (a sequence longer than that gets a row of its own): attention over a
+    row costs its width squared, so long DPO sequences are not all packed into one row. `pad_to_multiple_of` rounds the row width
     up to a few shapes (what the compiled layers see); each row's pad tail is its own segment.
     """
 
@@ -157,10 +157,7 @@ def sequence_logps(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _graphed_layers(model: Any) -> GraphedLayers | None:
-    try:
-        layers = decoder_layers(model)
-    except (AttributeError, TypeError):
-        return None
+    layers = decoder_layers(model)
     return installed(layers[0]) if layers else None
 
 

@@ -303,10 +303,11 @@ class PerfOptions:
     ) -> PerfOptions:
         """packed_dpo's switches. Under graphs (where `dpo_graphs_fit`): the layers eager
         inside them, with Liger's RMSNorm/SwiGLU/RoPE where installed, checkpointed inside when
-        asked. Eager, not compiled: the reference pass (the adapter off, no grad) runs eagerly
-        and must round as the policy does, or at the first step, where policy and reference
-        are the same model, the DPO margin is not zero (the second session measured 6e-3 in the
-        loss with compiled layers). Without graphs: nothing (the eager packed path, measured)."""
+        asked; the reference pass replays the policy's graph (`GraphedLayers.reference_pass`).
+        Eager, not compiled: compiled inside the graphs was faster (2.93x against 2.67x) and
+        within tolerance at step 1, but its later losses part from every other path's, not
+        understood yet (benchmarks/README.md, fifth session). Without graphs: nothing (the
+        eager packed path, measured)."""
         if not fused_kernels or device_kind != "cuda" or not cuda_graphs:
             return cls(compile_layers=False, liger_loss=False, liger_layers=False)
         return cls(
