@@ -25,6 +25,10 @@
 #          and compiled layers inside; the baseline
 #   dgraphs2 (1 GPU, session 5) the same, the reference through the policy's graph
 #   dfinal (1 GPU, session 5) GPU tests; DPO as the trainer runs it; the baseline; compiled
+#   dtests (1 GPU, session 5) the GPU tests, one process each
+#   s6a (1 GPU, session 6) GPU tests; DPO as the trainer runs it (lean LoRA, gradients added
+#          inside the graph, rows widened to a long sequence's rounded length); the baseline;
+#          the same DPO with peft's LoRA forward
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -166,6 +170,20 @@ phase=$2
     for t in "test_graphed_layers_same_loss_and_accumulated_grads and bf16-checkpointed" "test_reference_pass" "test_finetune_train_dpo" "test_checkpointed_graphs_recompute" "bf16-base-no-autocast"; do
       echo "== $t"; PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -k "$t" $T > "$OUT/t.txt" 2>&1; grep -E "passed|failed|Error|error:|assert" "$OUT/t.txt" | grep -v Warning | tail -6
     done
+  elif [ "$phase" = s6a ]; then
+    # (session 6) the GPU tests one process each (the in-graph gradients, the lean LoRA
+    # reference pass, the product's DPO end to end); DPO as the trainer runs it (+ lean LoRA,
+    # gradients added inside the backward graph, rows widened only to a long sequence's
+    # rounded length), per-step peaks; the baseline
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+    T=tests/trainer/test_cuda_graphs.py
+    for t in "bf16-checkpointed or test_in_graph_gradients" "test_reference_pass" "test_finetune_train_dpo"; do
+      echo "== $t"; PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -k "$t" $T > "$OUT/t.txt" 2>&1; grep -E "passed|failed|Error|error:|assert" "$OUT/t.txt" | grep -v Warning | tail -8
+    done
+    C="python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --bucket 1024 --steps 9 --warmup-steps 5 --profile-step 9 --profile-micro-batches 2"
+    BENCH_LIGER_LAYERS=1 timeout 110 $C --tag ligerl- --path ours-graphs; save
+    timeout 75 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
+    BENCH_LIGER_LAYERS=1 BENCH_NO_LEAN_LORA=1 timeout 100 $C --tag ligerl-peft- --path ours-graphs; save
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

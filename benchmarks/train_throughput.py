@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
@@ -298,6 +299,7 @@ class Recorder:
                         "tokens": tokens - rec.mark[0],
                         "flops": flops - rec.mark[1],
                         "examples": examples - rec.mark[2],
+                        **rec.step_peak(),
                     }
                 )
                 rec.last, rec.mark = now, (tokens, flops, examples)
@@ -318,6 +320,7 @@ class Recorder:
                     }
 
         self.callback = CB()
+        self.peak_gib = 0.0  # over every step (step_peak restarts torch's counters)
         self.last = 0.0
         self.mark = (0, 0.0, 0)
 
@@ -332,6 +335,19 @@ class Recorder:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def step_peak(self) -> dict[str, float]:
+        """This step's peak allocated and reserved GiB (where a peak comes from: the steps
+        that capture CUDA graphs, or every step), then the peak counters restart."""
+        if self.device.type != "cuda":
+            return {}
+        peaks = {
+            "peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30,
+        }
+        self.peak_gib = max(self.peak_gib, peaks["peak_gib"])
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {k: round(v, 2) for k, v in peaks.items()}
 
     def start_profiler(self) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -710,13 +726,20 @@ def child_dpo(args: argparse.Namespace) -> None:
             liger_layers=bool(os.environ.get("BENCH_LIGER_LAYERS")),
             cuda_graphs=graphs,
             graph_checkpointing=graphs and not os.environ.get("BENCH_DPO_NO_CKPT"),
+            lean_lora=graphs and not os.environ.get("BENCH_NO_LEAN_LORA"),
         )
-        # BENCH_DPO_ROW_TOKENS: the packed row width (attention over a row costs its square)
+        # BENCH_DPO_ROW_TOKENS: the packed row width (attention over a row costs its square);
+        # under graphs the trainer's rows (fixed width, a long sequence's rounded to
+        # DPO_GRAPH_ROW_BUCKET) unless BENCH_DPO_LOOSE_ROWS (session 5: rounded to --bucket)
+        fixed = graphs and not os.environ.get("BENCH_DPO_LOOSE_ROWS")
         inner = PackedPreferenceCollator(
             pad_token_id=0,
             max_length=args.dpo_max_length,
-            pad_to_multiple_of=args.bucket,
-            row_tokens=int(os.environ.get("BENCH_DPO_ROW_TOKENS", "4096")),
+            pad_to_multiple_of=perf.DPO_GRAPH_ROW_BUCKET if fixed else args.bucket,
+            row_tokens=int(
+                os.environ.get("BENCH_DPO_ROW_TOKENS", perf.DPO_GRAPH_ROW_TOKENS if fixed else 4096)
+            ),
+            fixed_width=fixed,
         )
     else:
         inner = DataCollatorForPreference(pad_token_id=0, max_length=args.dpo_max_length)
@@ -809,7 +832,7 @@ def train_and_report(
     t0 = time.perf_counter()
     trainer.train()
     total_s = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    peak = max(recorder.peak_gib, torch.cuda.max_memory_allocated(device) / 2**30) if cuda else 0.0
     from finetune_trainer import cuda_graphs, perf
 
     graphed = next(
@@ -1023,6 +1046,9 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "raw"))
     args = p.parse_args()
     if args.child:
+        # the trainer's own lines (graph captures and what each kept, perf switches applied)
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("finetune_trainer").setLevel(logging.INFO)
         child(args)
     else:
         sys.exit(driver(args))

@@ -197,28 +197,66 @@ def _drawing(forward: Any, generator: torch.Generator) -> Any:
     return drawing
 
 
-def test_reference_pass_replays_the_policy_graph_as_the_adapter_off() -> None:
-    """DPO's reference under graphs: the policy's forward graph with LoRA B zeroed, under
-    no_grad, gives the adapter-off model's logits, and puts B back."""
-    model = lora(tiny_llama().cuda())  # B non-zero: the adapter changes the logits
+def test_in_graph_gradients_refuse_a_dropped_grad() -> None:
+    """Checkpointed graphs captured with every .grad allocated add the gradients into those
+    tensors inside the backward graph. A .grad dropped without StableGradients putting it back
+    must fail loudly, not lose the micro-batch's gradient."""
+    model = lora(tiny_llama().cuda())
     perf.optimize_model(
-        model, perf.PerfOptions(compile_layers=False, liger_loss=False, cuda_graphs=True)
+        model,
+        perf.PerfOptions(
+            compile_layers=False, liger_loss=False, cuda_graphs=True, graph_checkpointing=True
+        ),
+    )
+    stable = perf.StableGradients(model)
+    stable.attach()
+    batch = perf.PackingCollator(pad_to_multiple_of=32)(examples(2, seed=5))
+    accumulate(model, [batch, batch], bf16=False)  # captures, then replays
+    owner = cuda_graphs.installed(perf.decoder_layers(model)[0])
+    assert owner is not None and len(owner.sets) == 1
+    (stack,) = owner.sets.values()
+    assert stack.sinks  # type: ignore[attr-defined]
+    twice = [p.grad.clone() for p in stable.params]  # type: ignore[union-attr]
+    model.zero_grad(set_to_none=True)
+    stable.attach()
+    accumulate(model, [batch], bf16=False)
+    for p, both in zip(stable.params, twice, strict=True):  # added in place, from zero
+        assert rel(2 * p.grad, both) < 1e-5  # type: ignore[operator]
+    model.zero_grad(set_to_none=True)  # and no attach
+    with pytest.raises(RuntimeError, match="StableGradients"):
+        accumulate(model, [batch], bf16=False)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["peft-fp32", "lean-lora-bf16"])
+def test_reference_pass_replays_the_policy_graph_as_the_adapter_off(lean: bool) -> None:
+    """DPO's reference under graphs: the policy's forward graph with LoRA B zeroed, under
+    no_grad, gives the adapter-off model's logits, and puts B back. With the lean LoRA forward
+    (bf16 base under autocast, as DPO trains) B = 0 adds an exact zero in the GEMM."""
+    base = tiny_llama().to(torch.bfloat16) if lean else tiny_llama()
+    model = lora(base.cuda())  # B non-zero: the adapter changes the logits
+    perf.optimize_model(
+        model,
+        perf.PerfOptions(compile_layers=False, liger_loss=False, cuda_graphs=True, lean_lora=lean),
     )
     owner = cuda_graphs.installed(perf.decoder_layers(model)[0])
     assert owner is not None
     batch = {
         k: v.cuda() for k, v in perf.PackingCollator(pad_to_multiple_of=32)(examples(2)).items()
     }
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=lean):
         with model.disable_adapter():
-            expected = model(**batch).logits
-        policy = model(**batch).logits  # no_grad outside a reference pass: eager
+            expected = model(**batch).logits.float()
+        policy = model(**batch).logits.float()  # no_grad outside a reference pass: eager
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     before = [p.detach().clone() for p in lora_b]
-    with torch.no_grad(), owner.reference_pass(lora_b):
-        got = model(**batch).logits
+    with (
+        torch.no_grad(),
+        torch.autocast("cuda", dtype=torch.bfloat16, enabled=lean),
+        owner.reference_pass(lora_b),
+    ):
+        got = model(**batch).logits.float()
     assert rel(policy, expected) > 1e-3  # the adapter matters here
-    assert rel(got, expected) < 1e-5
+    assert rel(got, expected) < (1e-2 if lean else 1e-5)
     assert all(torch.equal(p, b) for p, b in zip(lora_b, before, strict=True))
     assert len(owner.sets) == 1 and owner.replays == len(perf.decoder_layers(model))
 
@@ -246,6 +284,7 @@ def test_finetune_train_dpo_on_one_gpu_replays_graphs_checkpointed(tmp_path: Pat
     result = train(job(tmp_path / "job.yaml", **spec), output, nproc=1)
     log = result.stdout + result.stderr
     assert "CUDA graphs over" in log and "checkpointed inside" in log, log[-3000:]
+    assert "lean LoRA forward on" in log, log[-3000:]
     steps = losses(output)
     assert abs(steps[1] - math.log(2)) < 1e-4, steps
     assert steps[max(steps)] < steps[1], steps

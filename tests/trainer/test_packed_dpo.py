@@ -163,6 +163,28 @@ def test_packed_preference_collator_layout() -> None:
     assert rows["segments"][:, 0].tolist() == [0, 3] and rows["segments"][1, 5].item() == 1
 
 
+def test_fixed_width_rows_widen_only_to_the_longest_sequence() -> None:
+    """Under CUDA graphs (`fixed_width`) every row is exactly as wide as the rows' capacity:
+    `row_tokens`, or a longer sequence's length rounded up to `pad_to_multiple_of` (not a
+    multiple of `row_tokens`: that doubled the widest graph set's memory)."""
+    from finetune_trainer.packed_dpo import PackedPreferenceCollator
+
+    short = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+        {"prompt_ids": [10], "chosen_ids": [11, 2], "rejected_ids": [12, 13, 14, 2]},
+    ]
+    fixed = PackedPreferenceCollator(pad_to_multiple_of=2, row_tokens=16, fixed_width=True)
+    # 5, 5, 4 fill 14 of the first row; 3 does not fit: a second row, both 16 wide
+    assert fixed(short)["input_ids"].shape == (2, 16)
+    loose = PackedPreferenceCollator(pad_to_multiple_of=2, row_tokens=16)
+    assert loose(short)["input_ids"].shape == (2, 14)  # the longest row, rounded up to 2
+    long = [{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11, 12, 2], "rejected_ids": [3, 2]}]
+    fixed = PackedPreferenceCollator(pad_to_multiple_of=4, row_tokens=8, fixed_width=True)
+    batch = fixed(long + short[1:])  # lengths 9, 6, 3, 5: capacity 12 (9 rounded up to 4)
+    assert batch["input_ids"].shape == (2, 12)
+    assert sorted(batch["segments"].unique().tolist()) == [-1, 0, 1, 2, 3]
+
+
 def test_stable_gradients_accumulate_in_place() -> None:
     """perf.StableGradients: `.grad` are views of one buffer that backward adds into (what keeps
     gradient accumulation right under CUDA graphs), re-attached and zeroed after zero_grad."""

@@ -233,9 +233,9 @@ def test_dpo_under_graphs_only_where_measured() -> None:
     assert not perf.dpo_graphs_fit("cuda", 4, world_size=2)
     assert not perf.dpo_graphs_fit("xpu", 4, world_size=1)
     graphed = perf.PerfOptions.for_dpo("cuda", True, cuda_graphs=True, checkpoint=True)
-    # eager layers inside (the reference pass is eager and must round as the policy does),
-    # the packed loss (no fused mean cross-entropy), checkpointing inside the graphs
-    assert graphed.cuda_graphs and graphed.graph_checkpointing
+    # eager layers inside (compiled ones: later losses not understood), the packed loss (no
+    # fused mean cross-entropy), checkpointing inside the graphs, the lean LoRA forward
+    assert graphed.cuda_graphs and graphed.graph_checkpointing and graphed.lean_lora
     assert not graphed.compile_layers and not graphed.liger_loss
     assert not perf.PerfOptions.for_dpo("cuda", True, True, checkpoint=False).graph_checkpointing
     for off in (
@@ -244,6 +244,7 @@ def test_dpo_under_graphs_only_where_measured() -> None:
         perf.PerfOptions.for_dpo("cpu", True, True, True),
     ):
         assert not (off.cuda_graphs or off.compile_layers or off.liger_layers or off.liger_loss)
+        assert not off.lean_lora
 
 
 def test_candidate_micro_batches_keep_the_batch_rule() -> None:

@@ -56,15 +56,20 @@ class PackedPreferenceCollator:
     """Packed rows per micro-batch of preference pairs (see the module docstring).
 
     Sequences are laid into rows of at most `row_tokens` tokens, longest first, each into the
-    first row with room (a sequence longer than that gets a row of its own): attention over a
-    row costs its width squared, so long DPO sequences are not all packed into one row. `pad_to_multiple_of` rounds the row width
-    up to a few shapes (what the compiled layers see); each row's pad tail is its own segment.
+    first row with room: attention over a row costs its width squared, so long DPO sequences
+    are not all packed into one row. Where a sequence is longer than `row_tokens`, the rows of
+    that micro-batch hold up to its length rounded up to `pad_to_multiple_of`. The row width
+    is the longest row rounded up to `pad_to_multiple_of` (a few shapes: what compiled layers
+    see), or with `fixed_width` the rows' capacity itself (under CUDA graphs: a micro-batch's
+    shape is then its row count, and a long sequence widens its micro-batch to its own
+    rounded length, not to a multiple of `row_tokens`). Each row's pad tail is its own segment.
     """
 
     pad_token_id: int = 0
     max_length: int | None = None
     pad_to_multiple_of: int = 64
     row_tokens: int = 4096
+    fixed_width: bool = False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences: list[tuple[list[int], int]] = []  # (ids, prompt length), chosen then rejected
@@ -74,10 +79,12 @@ class PackedPreferenceCollator:
                 if self.max_length is not None:
                     ids = ids[: self.max_length]
                 sequences.append((ids, len(example["prompt_ids"])))
-        rows = pack_rows_tightly([len(ids) for ids, _ in sequences], max(self.row_tokens, 1))
-        longest = max(sum(len(sequences[i][0]) for i in row) for row in rows)
         multiple = max(self.pad_to_multiple_of, 1)
-        width = int(math.ceil(longest / multiple) * multiple)
+        lengths = [len(ids) for ids, _ in sequences]
+        capacity = max(self.row_tokens, math.ceil(max(lengths) / multiple) * multiple, 1)
+        rows = pack_rows_tightly(lengths, capacity)
+        longest = max(sum(lengths[i] for i in row) for row in rows)
+        width = capacity if self.fixed_width else int(math.ceil(longest / multiple) * multiple)
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

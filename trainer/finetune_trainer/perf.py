@@ -279,6 +279,9 @@ class PerfOptions:
     # capture forbids; cuda_graphs.LayerRng says how this one stays exact).
     cuda_graphs: bool = False
     graph_checkpointing: bool = False
+    # peft's LoRA forward without its per-adapter fp32 round trip, the scale and add inside
+    # the adapter's GEMM (lean_lora.py; exact up to bf16 rounding, under autocast only)
+    lean_lora: bool = False
 
     @classmethod
     def for_device(
@@ -316,6 +319,7 @@ class PerfOptions:
             liger_layers=liger_available(),
             cuda_graphs=True,
             graph_checkpointing=checkpoint,
+            lean_lora=True,
         )
 
 
@@ -346,11 +350,13 @@ def graphs_fit(
     )
 
 
-# DPO under CUDA graphs: rows of exactly this many tokens (a sequence longer than that gets a
-# row of its own, rounded up to a multiple), so a micro-batch's shape is its row count: a few
-# graph sets. Measured on an H200 (benchmarks/README.md, fifth session): attention over rows of
-# 4096 took 2.8x the time of rows of 1024 for the same tokens.
+# DPO under CUDA graphs: rows of exactly this many tokens, so a micro-batch's shape is its row
+# count: a few graph sets. Measured on an H200 (benchmarks/README.md, fifth session): attention
+# over rows of 4096 took 2.8x the time of rows of 1024 for the same tokens. A micro-batch with
+# a longer sequence has rows of that length rounded up to DPO_GRAPH_ROW_BUCKET (rows of 1536
+# for DPO's max_length 1536, not of 2048: the widest set sets the peak memory).
 DPO_GRAPH_ROW_TOKENS = 1024
+DPO_GRAPH_ROW_BUCKET = 512
 
 
 def dpo_graphs_fit(device_kind: str, micro_batch: int | str, world_size: int) -> bool:
@@ -444,6 +450,10 @@ def optimize_model(model: Any, options: PerfOptions) -> Any:
         model, layers=options.liger_layers and not options.compile_layers, loss=options.liger_loss
     ):
         applied.append("liger")
+    if options.lean_lora:
+        from finetune_trainer import lean_lora
+
+        applied.append(f"lean LoRA forward on {lean_lora.install(model)} projections")
     if options.cuda_graphs:
         from finetune_trainer.cuda_graphs import GraphedLayers
 

@@ -436,8 +436,10 @@ def build_trainer(
                 pad_token_id=tokenizer.pad_token_id,
                 max_length=config.dpo.max_length,
                 row_tokens=rows,
-                # under graphs every row is `rows` wide: a micro-batch's shape is its row count
-                pad_to_multiple_of=rows if options.cuda_graphs else 64,
+                # under graphs every row is `rows` wide (or a longer sequence's rounded length):
+                # a micro-batch's shape is its row count
+                pad_to_multiple_of=perf.DPO_GRAPH_ROW_BUCKET if options.cuda_graphs else 64,
+                fixed_width=options.cuda_graphs,
             )
             if packed
             else None,
