@@ -29,6 +29,9 @@
 #   s6a (1 GPU, session 6) GPU tests; DPO as the trainer runs it (lean LoRA, gradients added
 #          inside the graph, rows widened to a long sequence's rounded length); the baseline;
 #          the same DPO with peft's LoRA forward
+#   s6tests (1 GPU, session 6) every GPU test, one process each
+#   s6b (1 GPU, session 6) the baseline, then DPO as the trainer runs it (no profiler)
+#   s6c (1 GPU, session 6) per-sequence sums in a fixed order: two GPU tests; DPO as trained
 # Packages the image lacks (liger-kernel, bitsandbytes with only its CUDA 13.0 library; trl,
 # datasets, dill, multiprocess for DPO) travel in .whl/site (carry it). Results: $OUT/results.tgz (JSON per run) and $OUT/log.txt.
 set -u
@@ -184,6 +187,30 @@ phase=$2
     BENCH_LIGER_LAYERS=1 timeout 110 $C --tag ligerl- --path ours-graphs; save
     timeout 75 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
     BENCH_LIGER_LAYERS=1 BENCH_NO_LEAN_LORA=1 timeout 100 $C --tag ligerl-peft- --path ours-graphs; save
+  elif [ "$phase" = s6b ]; then
+    # (session 6) a second call: the baseline first this time, then DPO as the trainer runs it
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+    timeout 75 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --path baseline --steps 3; save
+    BENCH_LIGER_LAYERS=1 timeout 110 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --steps 9 --warmup-steps 5 --tag ligerl- --path ours-graphs; save
+  elif [ "$phase" = s6c ]; then
+    # (session 6) per-sequence sums in a fixed order: the product's DPO test (step 1 exactly
+    # log 2), the bf16-autocast graphs test (no longer marked xfail); DPO as the trainer runs it
+    save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+    T=tests/trainer/test_cuda_graphs.py
+    for t in "test_finetune_train_dpo" "bf16-autocast"; do
+      echo "== $t" | tee -a "$OUT/tests.txt"
+      PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -k "$t" $T > "$OUT/t.txt" 2>&1; echo "rc=$?" | tee -a "$OUT/tests.txt"
+      grep -E "passed|failed|assert|Error" "$OUT/t.txt" | tail -5 | tee -a "$OUT/tests.txt"
+    done
+    BENCH_LIGER_LAYERS=1 timeout 110 python3 benchmarks/train_throughput.py --child --out $R --method dpo --global-batch 16 --micro-batch 4 --examples 256 --steps 9 --warmup-steps 5 --tag ligerl- --path ours-graphs; save
+  elif [ "$phase" = s6tests ]; then
+    # (session 6) every GPU test, one process each, each one's last lines kept in tests.txt
+    T=tests/trainer/test_cuda_graphs.py
+    for t in $(PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -m gpu --collect-only $T 2>/dev/null | grep "::"); do
+      echo "== $t" | tee -a "$OUT/tests.txt"
+      PYTHONPATH=$PWD/trainer:$PWD/operator:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short "$t" > "$OUT/t.txt" 2>&1; echo "rc=$?" >> "$OUT/t.txt"
+      grep -v -i "warn\|liger_kernel.backends\|^  " "$OUT/t.txt" | tail -12 >> "$OUT/tests.txt"; tail -2 "$OUT/t.txt"
+    done
   elif [ "$phase" = scale4 ]; then
     $B --paths ours-auto --methods lora,qlora --worlds 4 --steps 4 --run-timeout 240
   elif [ "$phase" = scale-long ]; then

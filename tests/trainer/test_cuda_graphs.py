@@ -71,20 +71,14 @@ def test_eval_and_no_grad_stay_eager() -> None:
     assert owner.eager_calls == 2 * len(layers) and owner.replays == 0
 
 
-BF16_CAPTURE_FAILS = pytest.mark.xfail(
-    reason="torch 2.11 on the H200, session 3: the backward capture failed with a bf16 base "
-    "under autocast ('operation would make the legacy stream depend on a capturing blocking "
-    "stream'); session 4 re-enters autocast inside the graph instead. benchmarks/README.md.",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     ("bf16", "graphed_autocast", "checkpointed"),
     [
         (False, False, False),
         (False, False, True),
-        pytest.param(True, True, False, marks=BF16_CAPTURE_FAILS),
+        # failed to capture in session 3 (torch 2.11, H200); passes since the graphs re-enter
+        # autocast inside them (session 4; run as passing in session 6)
+        (True, True, False),
         (True, False, False),
         (True, True, True),
     ],
@@ -286,5 +280,6 @@ def test_finetune_train_dpo_on_one_gpu_replays_graphs_checkpointed(tmp_path: Pat
     assert "CUDA graphs over" in log and "checkpointed inside" in log, log[-3000:]
     assert "lean LoRA forward on" in log, log[-3000:]
     steps = losses(output)
-    assert abs(steps[1] - math.log(2)) < 1e-4, steps
+    # policy = reference at step 1, summed in a fixed order (packed_dpo): the margin is zero
+    assert abs(steps[1] - math.log(2)) < 1e-6, steps
     assert steps[max(steps)] < steps[1], steps

@@ -157,10 +157,13 @@ def sequence_logps(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = inputs["labels"][:, 1:].flatten()
         segments = inputs["segments"][:, 1:].flatten().clamp(min=0)  # ignored tokens add 0
     token_logps = -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    sums = torch.zeros(
-        inputs["sequence_ids"].numel(), device=token_logps.device, dtype=token_logps.dtype
-    )
-    return sums.index_add(0, segments, token_logps)
+    # Per-sequence sums through a one-hot mask and a column sum, not index_add: on CUDA
+    # index_add adds with atomics in no fixed order, so the reference and the policy pass,
+    # identical at step 1, summed differently and the margin was not zero (measured: the loss
+    # 6e-5 off log 2, sixth session). torch's reduction sums in a fixed order; not a matmul,
+    # which TF32 would round. The mask is labels x 2B.
+    one_hot = F.one_hot(segments, inputs["sequence_ids"].numel()).to(token_logps.dtype)
+    return (token_logps.unsqueeze(1) * one_hot).sum(0)
 
 
 def _graphed_layers(model: Any) -> GraphedLayers | None:
