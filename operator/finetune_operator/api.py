@@ -259,7 +259,8 @@ class TrainingSpec(_Spec):
         description="Use fused kernels where installed: on CUDA, compiled decoder layers, "
         "replayed as CUDA graphs at small micro-batches on one GPU, else with Liger's fused "
         "cross-entropy; dpo on one GPU: CUDA graphs of the decoder stack with Liger's layers "
-        "(gradient checkpointing, if on, inside the graphs). Default: true.",
+        "and LoRA without peft's fp32 round trip (gradient checkpointing, if on, inside the "
+        "graphs). Default: true.",
     )
     deepspeed_zero_stage: int | None = Field(
         default=None,

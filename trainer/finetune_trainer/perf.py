@@ -46,6 +46,9 @@ What each does, and why:
   and the input-token counter (`include_num_input_tokens_seen`) each force a device sync per
   micro-batch; both off. Batches are pinned and copied non-blocking.
 * Fused optimizer: `adamw_torch` -> `adamw_torch_fused` (the same AdamW, one kernel).
+* Lean LoRA forward (`lean_lora.py`, DPO under graphs): peft's per-adapter fp32 round trip
+  of the input, and its scale and add, become dropout in bf16 plus one in-place GEMM; the
+  elementwise third of a DPO micro-batch's GPU time mostly goes.
 * CUDA graphs (`cuda_graphs.py`, where `graphs_fit`): the whole decoder stack replayed as one
   forward and one backward graph per row width, the layers compiled inside; at micro-batch 2
   the step was launch- and Python-bound, and this makes it ~85% GPU-bound (5.8x LoRA, 6.7x
@@ -305,12 +308,13 @@ class PerfOptions:
         cls, device_kind: str, fused_kernels: bool, cuda_graphs: bool, checkpoint: bool
     ) -> PerfOptions:
         """packed_dpo's switches. Under graphs (where `dpo_graphs_fit`): the layers eager
-        inside them, with Liger's RMSNorm/SwiGLU/RoPE where installed, checkpointed inside when
-        asked; the reference pass replays the policy's graph (`GraphedLayers.reference_pass`).
-        Eager, not compiled: compiled inside the graphs was faster (2.93x against 2.67x) and
-        within tolerance at step 1, but its later losses part from every other path's, not
-        understood yet (benchmarks/README.md, fifth session). Without graphs: nothing (the
-        eager packed path, measured)."""
+        inside them, with Liger's RMSNorm/SwiGLU/RoPE where installed and peft's LoRA forward
+        without its fp32 round trip (`lean_lora`), checkpointed inside when asked; the
+        reference pass replays the policy's graph (`GraphedLayers.reference_pass`). Measured
+        on an H200: 3.23-3.37x plain TRL within its memory (benchmarks/README.md, sixth
+        session). Eager, not compiled: compiled inside the graphs was within tolerance at
+        step 1, but its later losses part from every other path's, not understood yet (fifth
+        session). Without graphs: nothing (the eager packed path, measured)."""
         if not fused_kernels or device_kind != "cuda" or not cuda_graphs:
             return cls(compile_layers=False, liger_loss=False, liger_layers=False)
         return cls(
