@@ -90,6 +90,7 @@ _POD_METADATA = (
     "labels",
     "annotations",
     "ownerReferences",
+    "creationTimestamp",
     "deletionTimestamp",
     "deletionGracePeriodSeconds",
     "resourceVersion",

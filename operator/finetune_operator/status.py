@@ -107,6 +107,7 @@ class WorkerPod:
     exit_code: int | None = None
     # The scheduler's word on a pod it could not place (PodScheduled=False).
     unschedulable: str | None = None
+    created: str | None = None  # metadata.creationTimestamp (RFC 3339, seconds)
 
     @property
     def running(self) -> bool:
@@ -214,12 +215,33 @@ def pod_view(pod: Mapping[str, Any]) -> WorkerPod:
         message=message,
         exit_code=exit_code,
         unschedulable=unschedulable,
+        created=metadata.get("creationTimestamp"),
+    )
+
+
+def _surplus(pod: WorkerPod, pods: Sequence[WorkerPod]) -> bool:
+    """A pod being deleted while an older pod of its index lives on: a duplicate the Job
+    controller made and is taking back (after it restarted, its cache behind, it may create a
+    second pod for an index that has one), not a lost worker. A lost worker is the older one:
+    its replacement is newer."""
+    if not pod.deleting or pod.phase == "Failed" or pod.index is None:
+        return False
+    born = parse_time(pod.created)
+    return born is not None and any(
+        other.index == pod.index
+        and not other.deleting
+        and other.phase != "Failed"
+        and (older := parse_time(other.created)) is not None
+        and older < born
+        for other in pods
     )
 
 
 def first_broken(pods: Iterable[WorkerPod]) -> WorkerPod | None:
-    """The failing pod to report: a Failed one before a deleted one, lowest index first."""
-    broken = [p for p in pods if p.broken]
+    """The failing pod to report: a Failed one before a deleted one, lowest index first. A
+    surplus duplicate being taken back (`_surplus`) is no failure."""
+    pods = list(pods)
+    broken = [p for p in pods if p.broken and not _surplus(p, pods)]
     broken.sort(key=lambda p: (p.phase != "Failed", p.index if p.index is not None else 1 << 30))
     return broken[0] if broken else None
 

@@ -72,6 +72,7 @@ def full_pod(name: str, rv: str, job: str = "j", owner: str = "job-uid") -> dict
             "ownerReferences": [{"kind": "Job", "uid": owner}],
             "managedFields": [{"manager": "kube-controller-manager", "fieldsV1": {"f:x": {}}}],
             "generateName": f"{job}-worker-",
+            "creationTimestamp": "2026-01-01T12:00:00Z",
         },
         "spec": {
             "nodeName": "gpu-node-3",

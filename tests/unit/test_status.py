@@ -32,11 +32,14 @@ def pod(
     deleting: bool = False,
     index: int = 0,
     terminated: dict[str, Any] | None = None,
+    created: str | None = None,
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": name,
         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
     }
+    if created is not None:
+        metadata["creationTimestamp"] = created
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T12:00:00Z"
     status: dict[str, Any] = {
@@ -110,6 +113,40 @@ def test_first_broken_prefers_failed_then_lowest_index() -> None:
     broken = first_broken(pods)
     assert broken is not None and broken.name == "p1"
     assert first_broken([pod_view(pod())]) is None
+
+
+def test_a_duplicate_taken_back_is_no_failure_but_a_lost_worker_is() -> None:
+    """After a restart the Job controller may create a second pod for an index that has one and
+    then delete it: the newer pod going away while the older runs is no worker failure. A
+    worker lost (the older pod deleted, its replacement newer) still is; so is a tie."""
+    old, new = "2026-01-01T12:00:00Z", "2026-01-01T12:00:09Z"
+    surplus = [
+        pod_view(pod("first", index=1, created=old)),
+        pod_view(pod("second", index=1, created=new, deleting=True, ready=False)),
+        pod_view(pod("other", index=0, created=old)),
+    ]
+    assert first_broken(surplus) is None
+    lost = [
+        pod_view(pod("first", index=1, created=old, deleting=True)),
+        pod_view(pod("replacement", index=1, created=new, phase="Pending", ready=False)),
+    ]
+    broken = first_broken(lost)
+    assert broken is not None and broken.name == "first"
+    tie = [
+        pod_view(pod("a", index=1, created=old)),
+        pod_view(pod("b", index=1, created=old, deleting=True)),
+    ]
+    broken = first_broken(tie)
+    assert broken is not None and broken.name == "b"
+    # a deleted pod with no sibling, or only a failed one, is a failure as before
+    alone = [pod_view(pod("gone", index=2, created=new, deleting=True))]
+    assert first_broken(alone) is not None
+    failed_sibling = [
+        pod_view(pod("f", index=2, created=old, phase="Failed", ready=False)),
+        pod_view(pod("gone", index=2, created=new, deleting=True)),
+    ]
+    broken = first_broken(failed_sibling)
+    assert broken is not None and broken.name == "f"
 
 
 def test_job_view() -> None:
