@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_perf import tiny_llama
 
 from finetune_trainer import lean_lora
 
@@ -17,22 +18,9 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(dropout: float = 0.0, seed: int = 0) -> Any:
+def lora_model(dropout: float = 0.0) -> Any:
     """A tiny bf16 Llama with a LoRA adapter (fp32, as peft keeps it) whose B is not zero."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=61,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        use_cache=False,
-    )
-    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    base = tiny_llama().to(torch.bfloat16).train()
     lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
     model = peft.get_peft_model(base, lora)
     g = torch.Generator().manual_seed(1)
@@ -52,7 +40,7 @@ def logits_and_grads(model: Any, ids: torch.Tensor, autocast: bool = True) -> tu
     return logits.detach(), grads
 
 
-IDS = torch.randint(3, 61, (2, 24), generator=torch.Generator().manual_seed(2))
+IDS = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
 def test_same_logits_and_adapter_gradients_as_peft() -> None:
