@@ -728,19 +728,16 @@ def child_dpo(args: argparse.Namespace) -> None:
             graph_checkpointing=graphs and not os.environ.get("BENCH_DPO_NO_CKPT"),
             lean_lora=graphs and not os.environ.get("BENCH_NO_LEAN_LORA"),
         )
-        # BENCH_DPO_ROW_TOKENS: the packed row width (attention over a row costs its square);
-        # under graphs the trainer's rows (fixed width, a long sequence's rounded to
-        # DPO_GRAPH_ROW_BUCKET) unless BENCH_DPO_LOOSE_ROWS (session 5: rounded to --bucket)
-        fixed = graphs and not os.environ.get("BENCH_DPO_LOOSE_ROWS")
-        inner = PackedPreferenceCollator(
-            pad_token_id=0,
-            max_length=args.dpo_max_length,
-            pad_to_multiple_of=perf.DPO_GRAPH_ROW_BUCKET if fixed else args.bucket,
-            row_tokens=int(
-                os.environ.get("BENCH_DPO_ROW_TOKENS", perf.DPO_GRAPH_ROW_TOKENS if fixed else 4096)
-            ),
-            fixed_width=fixed,
-        )
+        # under graphs the trainer's rows unless BENCH_DPO_LOOSE_ROWS (session 5: rounded to
+        # --bucket); BENCH_DPO_ROW_TOKENS: the packed row width (attention costs its square)
+        if graphs and not os.environ.get("BENCH_DPO_LOOSE_ROWS"):
+            inner = PackedPreferenceCollator.for_training(0, args.dpo_max_length, cuda_graphs=True)
+        else:
+            inner = PackedPreferenceCollator(
+                pad_token_id=0, max_length=args.dpo_max_length, pad_to_multiple_of=args.bucket
+            )
+        if os.environ.get("BENCH_DPO_ROW_TOKENS"):
+            inner.row_tokens = int(os.environ["BENCH_DPO_ROW_TOKENS"])
     else:
         inner = DataCollatorForPreference(pad_token_id=0, max_length=args.dpo_max_length)
     build_s = time.perf_counter() - t_build

@@ -354,13 +354,12 @@ class _GraphedStack:
                     own = grads[len(grads) - len(params) :]  # wrt ends with the parameters
                     added = [(s, g) for s, g in zip(sinks, own, strict=True) if g is not None]
                     torch._foreach_add_([s for s, _ in added], [g for _, g in added])
-                    none: tuple[torch.Tensor | None, ...] = (None,) * len(params)
-                    grads = (*grads[: len(grads) - len(params)], *none)
+                    grads = grads[: len(grads) - len(params)]  # the parameters' get None
                     del own, added  # freed inside the capture: the next set's capture reuses it
         graphed.output = output.detach()
         found = iter(grads)
         graphed.grad_inputs = tuple(
-            next(found) if t.requires_grad else None for t in graphed.inputs
+            next(found, None) if t.requires_grad else None for t in graphed.inputs
         )
         if accumulate:
             graphed.sinks = [(p, g.data_ptr()) for p, g in zip(params, sinks, strict=True)]

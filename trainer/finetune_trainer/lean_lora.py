@@ -57,8 +57,6 @@ def _plain_adapter(layer: Any) -> str | None:
 
 
 def _lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    from peft.tuners.lora.layer import Linear
-
     device_type = x.device.type
     name = None if args or kwargs else _plain_adapter(self)
     if (
@@ -66,7 +64,8 @@ def _lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
         or not torch.is_autocast_enabled(device_type)
         or x.dtype != torch.get_autocast_dtype(device_type)
     ):
-        return Linear.forward(self, x, *args, **kwargs)
+        # peft's own (install gave this forward only to instances of exactly its class)
+        return cast(torch.Tensor, type(self).forward(self, x, *args, **kwargs))
     flat = x.reshape(-1, x.shape[-1])
     # 2D: the base output is a fresh GEMM result (not a view), so adding in place is safe
     # for autograd (the base GEMM's backward needs its inputs, not its output)

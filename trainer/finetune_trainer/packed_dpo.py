@@ -43,6 +43,8 @@ from trl.trainer.utils import use_adapter
 
 from finetune_trainer.cuda_graphs import GraphedLayers, installed
 from finetune_trainer.perf import (
+    DPO_GRAPH_ROW_BUCKET,
+    DPO_GRAPH_ROW_TOKENS,
     IGNORE_INDEX,
     block_causal_mask,
     causal_lm,
@@ -70,6 +72,26 @@ class PackedPreferenceCollator:
     pad_to_multiple_of: int = 64
     row_tokens: int = 4096
     fixed_width: bool = False
+
+    @classmethod
+    def for_training(
+        cls, pad_token_id: int, max_length: int, cuda_graphs: bool
+    ) -> PackedPreferenceCollator:
+        """The rows the trainer uses (and the benchmark measures). Under CUDA graphs every
+        row is DPO_GRAPH_ROW_TOKENS wide, or a longer sequence's length rounded up to
+        DPO_GRAPH_ROW_BUCKET: a micro-batch's shape is its row count. Else rows of up to 4096
+        tokens (or max_length), rounded up to 64."""
+        if cuda_graphs:
+            return cls(
+                pad_token_id=pad_token_id,
+                max_length=max_length,
+                pad_to_multiple_of=DPO_GRAPH_ROW_BUCKET,
+                row_tokens=DPO_GRAPH_ROW_TOKENS,
+                fixed_width=True,
+            )
+        return cls(
+            pad_token_id=pad_token_id, max_length=max_length, row_tokens=max(4096, max_length)
+        )
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences: list[tuple[list[int], int]] = []  # (ids, prompt length), chosen then rejected

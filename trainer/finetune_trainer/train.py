@@ -421,9 +421,6 @@ def build_trainer(
         # LoRA adapter on the (optionally 4-bit) base; the reference is the base with the
         # adapter switched off, so no second model is held in memory.
         base = prepare_model(as_built, device)
-        rows = (
-            perf.DPO_GRAPH_ROW_TOKENS if options.cuda_graphs else max(4096, config.dpo.max_length)
-        )
         trainer: Any = (PackedDPOTrainer if packed else DPOTrainer)(
             model=base,
             args=args,
@@ -432,14 +429,8 @@ def build_trainer(
             processing_class=tokenizer,
             peft_config=lora_config(config),
             callbacks=callbacks,
-            data_collator=PackedPreferenceCollator(
-                pad_token_id=tokenizer.pad_token_id,
-                max_length=config.dpo.max_length,
-                row_tokens=rows,
-                # under graphs every row is `rows` wide (or a longer sequence's rounded length):
-                # a micro-batch's shape is its row count
-                pad_to_multiple_of=perf.DPO_GRAPH_ROW_BUCKET if options.cuda_graphs else 64,
-                fixed_width=options.cuda_graphs,
+            data_collator=PackedPreferenceCollator.for_training(
+                tokenizer.pad_token_id, config.dpo.max_length, options.cuda_graphs
             )
             if packed
             else None,
