@@ -19,6 +19,7 @@ Whatever the mode, deleting a pod removes it (kwok stands in for the kubelet's f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -30,6 +31,8 @@ from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEV_CLUSTER = REPO_ROOT / "hack" / "dev-cluster"
@@ -113,6 +116,71 @@ class Cluster:
         from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log (hack/kwok/audit-policy.yaml: requests made as
+        ServiceAccounts), in kwokctl's folder of this cluster, beside the kubeconfig."""
+        return self.kubeconfig.parent / "logs" / "audit.log"
+
+
+def audited_requests(cluster: Cluster, username: str) -> list[dict[str, Any]]:
+    """The audit events (audit.k8s.io/v1 Event, one per finished request) of ``username``,
+    e.g. ``system:serviceaccount:NS:NAME``."""
+    if not cluster.audit_log.exists():
+        raise AssertionError(
+            f"no audit log at {cluster.audit_log}: the cluster was not made by this checkout's "
+            "hack/dev-cluster up (hack/dev-cluster down, then up, recreates it with one)"
+        )
+    events = []
+    for line in cluster.audit_log.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # the line the API server is writing right now
+        if (event.get("user") or {}).get("username") == username:
+            events.append(event)
+    return events
+
+
+def forbidden_requests(events: list[dict[str, Any]]) -> list[str]:
+    """The requests the API server answered 403 Forbidden, as `verb URI: message` lines."""
+    return [
+        f"{event.get('verb')} {event.get('requestURI')}: "
+        f"{(event.get('responseStatus') or {}).get('message', '')}"
+        for event in events
+        if (event.get("responseStatus") or {}).get("code") == 403
+    ]
+
+
+def service_account_username(namespace: str, account: str) -> str:
+    return f"system:serviceaccount:{namespace}:{account}"
+
+
+def token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig for this cluster that authenticates as ServiceAccount ``namespace/account``
+    (a token from the TokenRequest API), so its requests carry no permission but its RBAC."""
+    token = cluster.kubectl(
+        "create", "token", account, "-n", namespace, "--duration=2h", check=True
+    ).stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    server = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [server],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": account,
+                "context": {"cluster": server["name"], "user": account, "namespace": namespace},
+            }
+        ],
+        "current-context": account,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def start_cluster() -> Cluster:

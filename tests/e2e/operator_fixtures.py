@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,14 @@ from typing import Any
 
 import pytest
 import yaml
-from local_cluster import REPO_ROOT, SIMULATE_LABEL, SIMULATE_RUNNING, Cluster, wait_for
+from local_cluster import (
+    REPO_ROOT,
+    SIMULATE_LABEL,
+    SIMULATE_RUNNING,
+    Cluster,
+    token_kubeconfig,
+    wait_for,
+)
 
 OPERATOR = REPO_ROOT / ".venv" / "bin" / "finetune-operator"
 
@@ -155,6 +163,17 @@ class Ftj:
 
         return wait_for(ready, timeout=timeout, description=f"{count} running pods of {name}")
 
+    def table_row(self, name: str) -> dict[str, str]:
+        """`kubectl get ftj NAME` as {column: value}: what the CRD's printer columns show."""
+        header, row = self.kubectl("get", "ftj", name).stdout.splitlines()[:2]
+        # Columns are aligned under their headers; an empty cell is blank, so cut by position.
+        starts = [match.start() for match in re.finditer(r"\S+", header)]
+        ends = [*starts[1:], None]
+        return {
+            header[start:end].strip(): row[start:end].strip()
+            for start, end in zip(starts, ends, strict=True)
+        }
+
     def events(self, name: str) -> list[Any]:
         events: list[Any] = self.core_api.list_namespaced_event(
             self.namespace,
@@ -226,6 +245,23 @@ def ftj_fixture(
     return Ftj(cluster, namespace, core_api, batch_api, custom_api)
 
 
+def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    """The operator's /metrics as {(sample name, sorted labels): value}; None while it does not
+    answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def eventually(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
     """wait_for that also accepts a check raising AssertionError while not there yet."""
     last: list[str] = []
@@ -241,10 +277,6 @@ def eventually(check: Callable[[], Any], timeout: float = 60, what: str = "condi
         return wait_for(attempt, timeout=timeout, description=what)
     except TimeoutError as error:
         raise AssertionError(f"{error}: {last[0] if last else ''}") from None
-
-
-def sleep_briefly(seconds: float = 1.0) -> None:
-    time.sleep(seconds)
 
 
 def service_account_kubeconfig(
@@ -273,24 +305,4 @@ def service_account_kubeconfig(
     cluster.kubectl(
         "apply", "-f", "-", input=yaml.safe_dump_all([account_obj, role, binding]), check=True
     )
-    token = cluster.kubectl(
-        "create", "token", account, "-n", namespace, "--duration=2h", check=True
-    ).stdout.strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
-    server = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [server],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": account,
-                "context": {"cluster": server["name"], "user": account, "namespace": namespace},
-            }
-        ],
-        "current-context": account,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return token_kubeconfig(cluster, namespace, account, path)

@@ -59,10 +59,9 @@ def test_apply_creates_objects_runs_and_succeeds(ftj: Ftj, operator: OperatorPro
         assert int(node.status.allocatable[GPU_RESOURCE]) >= 2
         assert pod.spec.containers[0].resources.limits[GPU_RESOURCE] == "2"
 
-    table = ftj.kubectl("get", "ftj", "llama").stdout
-    header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "WORKERS", "STEP", "LOSS", "AGE"]
-    assert row.split()[:3] == ["llama", "Running", "2/2"]
+    row = ftj.table_row("llama")
+    assert list(row) == ["NAME", "PHASE", "WORKERS", "STEP", "LOSS", "AGE"]
+    assert [row["NAME"], row["PHASE"], row["WORKERS"]] == ["llama", "Running", "2/2"]
 
     # The trainer's report (as rank 0 patches it) shows in the step and loss columns.
     ftj.custom_api.patch_namespaced_custom_object_status(
@@ -73,8 +72,8 @@ def test_apply_creates_objects_runs_and_succeeds(ftj: Ftj, operator: OperatorPro
         "llama",
         {"status": {"progress": {"step": 7, "maxSteps": 100, "summary": "7/100", "loss": 1.25}}},
     )
-    eventually(lambda: "7/100" in ftj.kubectl("get", "ftj", "llama").stdout.splitlines()[1])
-    assert "1.25" in ftj.kubectl("get", "ftj", "llama").stdout
+    eventually(lambda: ftj.table_row("llama")["STEP"] == "7/100")
+    assert ftj.table_row("llama")["LOSS"] == "1.25"
 
     finish_pods(ftj, "llama")
     status = ftj.wait_phase("llama", "Succeeded")
