@@ -13,6 +13,8 @@ Fixtures:
   already made), deleted afterwards.
 - ``finetunejob_crd`` (session): installs crds/ (`kubectl apply -f crds/`); request it in any
   test that creates FinetuneJobs.
+- ``ftj``, ``operator_env``, ``operator`` (function): from operator_fixtures.py, the operator
+  as a subprocess watching ``namespace`` and helpers for its FinetuneJobs.
 
 If the cluster cannot start, every e2e test errors with the components' logs: never a skip,
 so CI cannot pass without a cluster.
@@ -35,6 +37,9 @@ from local_cluster import (
     unique_name,
     wait_for,
 )
+from operator_fixtures import ftj_fixture, operator_env_fixture, operator_fixture
+
+__all__ = ["ftj_fixture", "operator_env_fixture", "operator_fixture"]  # registered as fixtures
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -42,6 +47,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in str(item.path).replace("\\", "/"):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[pytest.TestReport]:
+    # Kept on the item (rep_setup, rep_call, rep_teardown) so that a fixture can tell, when it
+    # tears down, whether the test failed (the operator fixture prints its logs then).
+    report: pytest.TestReport = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
 
 
 def crd_manifests_present() -> bool:

@@ -1,27 +1,24 @@
-"""Helpers shared by the fault runs and the spec fuzzing (tests/e2e/test_faults*.py,
-tests/e2e/test_spec_fuzz*.py) and by benchmarks/operator_scale.py.
+"""Helpers shared by the fault runs and the spec fuzzing (tests/e2e/test_faults.py,
+tests/e2e/test_spec_fuzz*.py):
 
 - server-side dry run of arbitrary objects (the kinds a FinetuneJob renders into);
 - a census of what a namespace holds (children per FinetuneJob, duplicates, orphans);
-- an operator process that can be SIGKILLed and restarted (used when the colleague's
-  ``operator_fixtures`` is not there yet or does not expose a pid).
+- restarting kube-apiserver (and keeping the control plane up, as a kubelet would);
+- a supervisor that restarts an operator process that exits, as a Deployment would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from local_cluster import REPO_ROOT, Cluster
+from local_cluster import Cluster
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 
@@ -162,86 +159,6 @@ def take_census(kube_api: Any, namespace: str) -> Census:
                 }
             )
     return census
-
-
-# --------------------------------------------------------------------------------------------
-# An operator process
-
-
-@dataclass
-class OperatorProcess:
-    """``finetune-operator run`` as a subprocess, for killing and restarting."""
-
-    cluster: Cluster
-    log_path: Path
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "finetune_operator.cli", "run", *self.args]
-
-    def start(self) -> None:
-        assert self.process is None or self.process.poll() is not None, "already running"
-        env = self.cluster.env()
-        env.update(self.env)
-        self.starts += 1
-        log = self.log_path.open("ab")
-        log.write(f"\n===== start {self.starts} at {time.time():.3f} =====\n".encode())
-        log.flush()
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, sig)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        """SIGTERM (kopf's graceful stop), then SIGKILL after a while."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def log_tail(self, lines: int = 80) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def operator_process(
-    cluster: Cluster, log_path: Path, *args: str, **env: str
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(cluster=cluster, log_path=log_path, args=args, env=env)
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """Fixtures and helpers for the operator's e2e tests: the operator runs as a real subprocess
 (`finetune-operator run --namespace NS`) against the session's local cluster.
 
-Import the fixtures into a test module:
-`from operator_fixtures import ftj_fixture, operator_env_fixture, operator_fixture`
-(they register as `ftj`, `operator_env` and `operator`).
+The fixtures `ftj`, `operator_env` and `operator` are registered for every e2e test by
+conftest.py; a module overrides `operator_env` by defining its own.
 """
 
 from __future__ import annotations

@@ -27,13 +27,10 @@ from fault_fixtures import (
     take_census,
 )
 from local_cluster import Cluster, set_pod_phase
-from operator_fixtures import (  # noqa: F401 - fixtures
+from operator_fixtures import (
     Ftj,
     OperatorProcess,
     eventually,
-    ftj_fixture,
-    operator_env_fixture,
-    operator_fixture,
     xpu_job,
 )
 

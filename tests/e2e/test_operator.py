@@ -9,13 +9,10 @@ from typing import Any
 
 import pytest
 from local_cluster import GPU_RESOURCE, set_pod_phase, wait_for
-from operator_fixtures import (  # noqa: F401 - the fixtures register by import
+from operator_fixtures import (
     Ftj,
     OperatorProcess,
     eventually,
-    ftj_fixture,
-    operator_env_fixture,
-    operator_fixture,
     xpu_job,
 )
 

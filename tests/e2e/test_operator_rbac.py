@@ -18,12 +18,10 @@ from local_cluster import (
     set_pod_phase,
     wait_for,
 )
-from operator_fixtures import (  # noqa: F401 - the fixtures register by import
+from operator_fixtures import (
     Ftj,
     OperatorProcess,
     eventually,
-    ftj_fixture,
-    operator_env_fixture,
     scrape_metrics,
     service_account_kubeconfig,
     xpu_job,

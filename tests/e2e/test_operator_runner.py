@@ -15,12 +15,10 @@ from typing import Any
 import pytest
 import yaml
 from local_cluster import REPO_ROOT, SIMULATE_LABEL, SIMULATE_MANUAL, Cluster, wait_for
-from operator_fixtures import (  # noqa: F401 - the fixtures register by import
+from operator_fixtures import (
     OPERATOR,
     Ftj,
     OperatorProcess,
-    ftj_fixture,
-    operator_fixture,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -1,6 +1,6 @@
 """Generated FinetuneJobs through the running operator: it never crashes or loops on them.
 
-The specs come from test_spec_fuzz.py's generator. Each one the API server admits is created
+The specs come from spec_fuzz_helpers.py's generator (test_spec_fuzz.py's too). Each one the API server admits is created
 for real in a namespace that one operator watches; then:
 
 - the core rejects it -> the operator reports Valid=False with the core's message, and
@@ -24,17 +24,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from fault_fixtures import FTJ, api_error_message, dry_run_create
+from fault_fixtures import api_error_message, dry_run_create
 from hypothesis import HealthCheck, event, given, note, settings
 from local_cluster import wait_for
-from operator_fixtures import (  # noqa: F401 - fixtures
+from operator_fixtures import (
     Ftj,
     OperatorProcess,
-    ftj_fixture,
-    operator_env_fixture,
-    operator_fixture,
 )
-from test_spec_fuzz import BASE, PASSTHROUGH_PATHS, generated_jobs, known_bug, manifest, render
+from spec_fuzz_helpers import BASE, PASSTHROUGH_PATHS, generated_jobs, manifest, render
 
 from finetune_operator.resolve import SpecError
 
@@ -86,10 +83,6 @@ def test_operator_never_crashes_or_loops_on_generated_specs(
         _, spec, kinds = job
         name = f"fuzz-{next(counter)}"
         note(json.dumps({"name": name, "spec": spec, "mutations": kinds}, default=str))
-        if known_bug(name, spec):
-            event("known bug: skipped")
-            outcomes["known bug: skipped"] += 1
-            return
         stored = create(ftj, name, spec)
         if stored is None:
             event("rejected at apply")
@@ -120,16 +113,20 @@ def test_operator_never_crashes_or_loops_on_generated_specs(
             assert str(core_error) in valid.get("message", ""), valid
             assert not ftj.jobs(name), "a worker Job was created for an invalid spec"
         elif rejected:
-            # Pass-through fields the API server refuses only on the Job: see
-            # test_operator_reports_objects_the_api_server_rejects (a known bug).
+            # A pass-through field the API server checks only on the child that carries it:
+            # the operator reports it (Created=False, ObjectRejected) and creates no worker Job.
             kinds_paths = [k.split(":", 1)[1] for k in kinds]
             assert any(p.startswith(PASSTHROUGH_PATHS) for p in kinds_paths), rejected
-            event("rendered object rejected (known bug): skipped")
-            outcomes["rendered object rejected (known bug): skipped"] += 1
-            ftj.custom_api.delete_namespaced_custom_object(
-                FTJ["group"], FTJ["version"], ftj.namespace, FTJ["plural"], name
-            )
-            created.remove(name)
+            event("ObjectRejected expected")
+            outcomes["ObjectRejected expected"] += 1
+
+            def refused() -> dict[str, Any] | None:
+                found = condition(ftj.get(name), "Created")
+                return found if found.get("reason") == "ObjectRejected" else None
+
+            found = wait_for(refused, timeout=60, description=f"{name} Created=False")
+            assert found["status"] == "False", found
+            assert not ftj.jobs(name), "a worker Job was created for a refused spec"
         else:
             event("worker Job expected")
             outcomes["worker Job expected"] += 1
