@@ -3,7 +3,8 @@
 This module is the one place that holds the defaults. The CRD (`finetune-operator crd`),
 the operator and the trainer all read it, so it imports neither torch nor kubernetes.
 
-Defaults follow the "Intel IPEX-LLM QLoRA training hyperparameters" heuristic:
+Defaults follow Intel IPEX-LLM's QLoRA alpaca fine-tuning example
+(`alpaca_qlora_finetuning.py`) and its training hyperparameters:
 
     micro-batch 2 per device, global batch 128, lr 3e-5, max_grad_norm 0.3, bf16,
     cosine schedule, adamw_torch, 3 epochs, cutoff 256 tokens, pad_to_multiple_of 8,
@@ -11,7 +12,7 @@ Defaults follow the "Intel IPEX-LLM QLoRA training hyperparameters" heuristic:
     LoRA r 8 / alpha 16 / dropout 0.05 on q,k,v,o,gate,up,down projections,
     QLoRA 4-bit nf4 with double quantization.
 
-`method: dpo` has its own (from the seed's DPO recipe):
+`method: dpo` has its own (from IPEX-LLM's DPO example, `dpo_finetuning.py`):
 
     micro-batch 4, global batch 16, lr 5e-5, max 200 steps, beta 0.1,
     max prompt length 1024, max length 1536.
@@ -77,8 +78,8 @@ SFT_DEFAULTS = TrainingDefaults(
     optimizer="adamw_torch",
     max_steps=None,
 )
-# The seed's DPO recipe used "adamw_hf", which transformers removed; adamw_torch is the
-# same algorithm.
+# IPEX-LLM's `dpo_finetuning.py` asks for "adamw_hf", which transformers removed; adamw_torch
+# is the same algorithm.
 DPO_DEFAULTS = TrainingDefaults(
     global_batch_size=16,
     micro_batch_size=4,
@@ -168,7 +169,8 @@ class DatasetSpec(_Spec):
     train_on_inputs: bool = Field(
         default=True,
         description="alpaca only: compute the loss on the prompt (instruction and input) too, "
-        "not only on the response. Default: true, as the seed recipe.",
+        "not only on the response. Default: true, as in IPEX-LLM's QLoRA alpaca example "
+        "(alpaca_qlora_finetuning.py).",
     )
 
 

@@ -1,8 +1,8 @@
 """The operator's view of the cluster: a thread-safe store of the objects it watches.
 
-Why: a reconcile used to GET the FinetuneJob, its worker Job, its pods and its Service, and
-each child before applying it (~90 requests a job). The watch streams kopf already holds carry
-every change of those objects; kept here, a reconcile reads memory and sends only writes
+Why: without it a reconcile would GET the FinetuneJob, its worker Job, its pods and its
+Service, and each child before applying it. The watch streams kopf already holds carry every
+change of those objects; kept here, a reconcile reads memory and sends only writes
 (client-go's informer cache, with kopf as the watch layer).
 
 - `Store.observe(type, body)` takes a watch event (or a LIST item, or the response of our own

@@ -1,8 +1,8 @@
 """A work queue of FinetuneJob keys for the reconcile workers (client-go's workqueue, in small).
 
-Why: kopf's handlers used to run a whole reconcile inline, so at 2 jobs/s kopf's per-object
-event queues backed up (and held memory) behind slow reconciles. Now a handler only updates
-the cache and adds the job's key here; `--worker-limit` threads take keys off the queue.
+Why: a reconcile run inline in kopf's handler would back up kopf's per-object event queues
+(and hold their memory) behind slow reconciles. So a handler only updates the cache and adds
+the job's key here; `--worker-limit` threads take keys off the queue.
 
 - a key waits at most once (the dirty set): any number of events while it waits cost one
   reconcile;

@@ -50,7 +50,7 @@ ACCELERATOR_LABEL = "finetune.dev/accelerator"
 
 # The e2e session gets its own cluster name, so it never tears down a developer's
 # `hack/dev-cluster up` cluster (named finetune-dev by default).
-# Overridable so that two test runs on one machine (a CI check beside a session) do not collide.
+# Overridable so that two test runs on one machine (say CI beside a developer's run) do not collide.
 E2E_CLUSTER_NAME = os.environ.get("FTO_E2E_CLUSTER_NAME", "finetune-e2e")
 
 T = TypeVar("T")

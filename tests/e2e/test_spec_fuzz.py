@@ -177,8 +177,8 @@ def test_accepted_at_apply_rejected_by_the_core_with_a_clear_message(
     assert_clear_core_message(result["error"])
 
 
-# Regression tests for bugs the property above found (names the Service cannot take, the core
-# more lenient than CEL, resources that are not maps), all fixed in the core.
+# Cases the property above must keep covering: names the Service cannot take, specs the core
+# must refuse as CEL does, resources that are not maps.
 
 
 @pytest.mark.parametrize("name", ["a.b", "1job"])

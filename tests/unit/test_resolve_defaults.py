@@ -1,4 +1,5 @@
-"""Every default of the seed heuristic, and the DPO defaults, as the resolved config shows them."""
+"""Every default (IPEX-LLM's QLoRA alpaca example, alpaca_qlora_finetuning.py; DPO: its
+dpo_finetuning.py), as the resolved config shows them."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def resolved(**spec: object):  # type: ignore[no-untyped-def]
     return resolve(parse_spec({**MINIMAL, **spec}))
 
 
-def test_seed_defaults() -> None:
+def test_qlora_defaults() -> None:
     config = resolved()
     assert config.method is Method.QLORA
     assert config.device is Device.XPU
