@@ -134,6 +134,18 @@ class Ftj:
                 return dict(item)
         return {}
 
+    def wait_condition(
+        self, name: str, type_: str, timeout: float = 60, **match: Any
+    ) -> dict[str, Any]:
+        """Waits until condition `type_` has every field in `match` (status="False",
+        reason=...), and returns it."""
+
+        def reached() -> dict[str, Any] | None:
+            found = self.condition(name, type_)
+            return found if found and all(found.get(k) == v for k, v in match.items()) else None
+
+        return wait_for(reached, timeout=timeout, description=f"{name} {type_} {match}")
+
     def wait_phase(
         self, name: str, phase: str, timeout: float = 60, **match: Any
     ) -> dict[str, Any]:

@@ -41,13 +41,6 @@ EXAMPLES = int(os.environ.get("FTO_OPERATOR_FUZZ_EXAMPLES", "20"))
 RESYNC = 5  # operator_fixtures runs the operator with --resync-seconds 5
 
 
-def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
-    for item in (body.get("status") or {}).get("conditions") or []:
-        if item.get("type") == type_:
-            return dict(item)
-    return {}
-
-
 def create(ftj: Ftj, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
     """Creates the FinetuneJob for real; None when the API server rejects it."""
     from kubernetes.client.exceptions import ApiException
@@ -104,12 +97,7 @@ def test_operator_never_crashes_or_loops_on_generated_specs(
         if core_error is not None:
             event("Valid=False expected")
             outcomes["Valid=False expected"] += 1
-
-            def reported() -> dict[str, Any] | None:
-                valid = condition(ftj.get(name), "Valid")
-                return valid if valid.get("status") == "False" else None
-
-            valid = wait_for(reported, timeout=60, description=f"{name} Valid=False")
+            valid = ftj.wait_condition(name, "Valid", status="False")
             assert str(core_error) in valid.get("message", ""), valid
             assert not ftj.jobs(name), "a worker Job was created for an invalid spec"
         elif rejected:
@@ -119,19 +107,13 @@ def test_operator_never_crashes_or_loops_on_generated_specs(
             assert any(p.startswith(PASSTHROUGH_PATHS) for p in kinds_paths), rejected
             event("ObjectRejected expected")
             outcomes["ObjectRejected expected"] += 1
-
-            def refused() -> dict[str, Any] | None:
-                found = condition(ftj.get(name), "Created")
-                return found if found.get("reason") == "ObjectRejected" else None
-
-            found = wait_for(refused, timeout=60, description=f"{name} Created=False")
-            assert found["status"] == "False", found
+            ftj.wait_condition(name, "Created", status="False", reason="ObjectRejected")
             assert not ftj.jobs(name), "a worker Job was created for a refused spec"
         else:
             event("worker Job expected")
             outcomes["worker Job expected"] += 1
             wait_for(lambda: ftj.jobs(name), timeout=60, description=f"{name}'s worker Job")
-            assert condition(ftj.get(name), "Valid").get("status") == "True"
+            assert ftj.condition(name, "Valid").get("status") == "True"
 
     property_()
     print(f"outcomes: {dict(outcomes)}")
@@ -181,11 +163,7 @@ def test_operator_reports_a_child_the_api_server_rejects(
     spec = {**BASE, "priorityClassName": "Not_A_Name"}
     assert create(ftj, "rejected-pc", spec) is not None
 
-    def rejected() -> dict[str, Any] | None:
-        found = condition(ftj.get("rejected-pc"), "Created")
-        return found if found.get("reason") == "ObjectRejected" else None
-
-    found = wait_for(rejected, timeout=30, description="Created=False ObjectRejected")
+    found = ftj.wait_condition("rejected-pc", "Created", timeout=30, reason="ObjectRejected")
     assert found["status"] == "False" and "Not_A_Name" in found["message"]
     version = ftj.get("rejected-pc")["metadata"]["resourceVersion"]
     time.sleep(8)  # several reconcile triggers later, nothing was rewritten
@@ -211,11 +189,7 @@ def test_operator_reports_what_only_the_core_rejects(
     with pytest.raises(SpecError) as expected:
         render("core-only", ftj.namespace, spec)
 
-    def reported() -> dict[str, Any] | None:
-        valid = condition(ftj.get("core-only"), "Valid")
-        return valid if valid.get("status") == "False" else None
-
-    valid = wait_for(reported, timeout=60, description="Valid=False")
+    valid = ftj.wait_condition("core-only", "Valid", status="False")
     assert str(expected.value) in valid["message"], valid
     time.sleep(2)
     assert not ftj.jobs("core-only")
