@@ -9,6 +9,7 @@ dpo.maxPromptLength (TRL dropped that option).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,21 +44,35 @@ class DataError(ValueError):
     """Bad or missing data. The message names the field and the file."""
 
 
+def data_files(name: str) -> list[str] | None:
+    """The local JSON/JSONL files a dataset name means; None for a hub id."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"dataset folder {name} holds no .json or .jsonl files: point dataset.name at "
+                "a data file or a folder of them"
+            )
+        return files
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise DataError(
+            f"dataset {name}: no such file or folder on this machine: fix dataset.name (a "
+            "local .json/.jsonl file or folder, or a hub id such as yahma/alpaca-cleaned)"
+        )
+    return None
+
+
 def load_rows(name: str, revision: str | None = None) -> Any:
     """A `datasets.Dataset` from a hub id, a JSON/JSONL file or a folder of them."""
     import datasets
 
+    datasets.disable_progress_bars()  # a bar per map/filter of a few rows says nothing
     name = resolve_bundled(name)
-    path = Path(name)
-    if path.is_file():
-        files = [str(path)]
-    elif path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES)
-        if not files:
-            raise DataError(f"dataset folder {name} holds no .json or .jsonl files")
-    elif path.is_absolute() or name.startswith("."):
-        raise DataError(f"dataset {name}: no such file or folder")
-    else:
+    files = data_files(name)
+    if files is None:
         return datasets.load_dataset(name, revision=revision, split="train")
     return datasets.load_dataset("json", data_files=files, split="train")
 
@@ -133,23 +148,159 @@ def split(rows: Any, validation_size: int | float, seed: int) -> tuple[Any, Any 
     return parts["train"], parts["test"]
 
 
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_rows(rows: Any, data_format: DatasetFormat, source: str) -> None:
+    """Every row's fields are text (a local file was already checked line by line)."""
+    from finetune_trainer.checks import check_row
+
+    if len(rows) == 0:
+        raise DataError(f"dataset {source} holds no rows: give a data set with at least one row")
+    for number, row in enumerate(rows, 1):
+        check_row(row, data_format, f"dataset {source}: row {number}")
+
+
+def _too_few(config: ResolvedConfig, kept: int, dropped: int, unit: str) -> None:
+    """Fewer training examples than one global batch: not one full step of data."""
+    if kept >= config.global_batch_size:
+        return
+    raise DataError(
+        f"dataset {config.dataset_name}: {kept} training {unit} left (after "
+        f"dataset.validationSize {config.validation_size}"
+        + (f" and {dropped} dropped by the length limits" if dropped else "")
+        + f"), fewer than one global batch of {config.global_batch_size}: add rows, lower "
+        "training.globalBatchSize, or lower dataset.validationSize"
+    )
+
+
+def _alpaca_datasets(
+    config: ResolvedConfig, tokenizer: Any, train: Any, evaluation: Any | None
+) -> tuple[Any, Any | None]:
+    """Tokenized alpaca rows; rows with no label token within cutoffLen dropped and counted."""
+    fn = alpaca_tokenizer(tokenizer, config.cutoff_len, config.train_on_inputs)
+    eos = tokenizer.eos_token_id
+
+    def counted(row: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = fn(row)
+        ids = out["input_ids"]
+        out["_labelled"] = sum(1 for label in out["labels"] if label != IGNORE_INDEX)
+        out["_cut"] = len(ids) >= config.cutoff_len and (not ids or ids[-1] != eos)
+        return out
+
+    columns = train.column_names
+    train = train.map(counted, remove_columns=columns)
+    kept_train = train.filter(lambda row: row["_labelled"] > 0)
+    dropped, cut = len(train) - len(kept_train), sum(train["_cut"])
+    how = "raise training.cutoffLen" + (
+        "" if config.train_on_inputs else " or set dataset.trainOnInputs: true"
+    )
+    if len(kept_train) == 0:
+        raise DataError(
+            f"dataset {config.dataset_name}: no training row has a response token within "
+            f"training.cutoffLen {config.cutoff_len} (the prompt template and instruction fill "
+            f"it), so every label is masked and nothing would be trained: {how}"
+        )
+    if evaluation is not None:
+        evaluation = evaluation.map(counted, remove_columns=columns)
+        evaluation = evaluation.filter(lambda row: row["_labelled"] > 0)
+        if len(evaluation) == 0:
+            raise DataError(
+                f"dataset {config.dataset_name}: no validation row has a response token within "
+                f"training.cutoffLen {config.cutoff_len}, so the eval loss would be over "
+                f"nothing: {how}, or set dataset.validationSize: 0"
+            )
+        evaluation = evaluation.remove_columns(["_labelled", "_cut"])
+    if _is_main() and (dropped or cut):
+        log.warning(
+            "data: %d of %d training rows dropped (no response token within cutoffLen %d) and "
+            "%d cut at cutoffLen (response truncated): %s to keep them whole",
+            dropped,
+            len(train),
+            config.cutoff_len,
+            cut,
+            how,
+        )
+    _too_few(config, len(kept_train), dropped, "rows")
+    return kept_train.remove_columns(["_labelled", "_cut"]), evaluation
+
+
+def _dpo_lengths(tokenizer: Any, max_length: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Per row, as TRL's DPOTrainer will see it: dropped (the prompt alone fills maxLength,
+    TRL filters such rows) or cut (prompt + chosen/rejected longer than maxLength)."""
+    eos = tokenizer.eos_token or ""
+
+    def apply(row: dict[str, Any]) -> dict[str, Any]:
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        longest = max(
+            len(tokenizer(row["prompt"] + row[answer])["input_ids"])
+            + (0 if row[answer].endswith(eos) else 1)  # TRL appends EOS
+            for answer in ("chosen", "rejected")
+        )
+        return {"_dropped": prompt >= max_length, "_cut": longest > max_length}
+
+    return apply
+
+
+def _dpo_datasets(
+    config: ResolvedConfig, tokenizer: Any, train: Any, evaluation: Any | None
+) -> tuple[Any, Any | None]:
+    """Prompts cut to maxPromptLength; rows TRL would drop are dropped here, and counted."""
+    assert config.dpo is not None
+    cut_prompt = truncate_prompt(tokenizer, config.dpo.max_prompt_length)
+    lengths = _dpo_lengths(tokenizer, config.dpo.max_length)
+    keep = list(REQUIRED_FIELDS[DatasetFormat.DPO])
+    how = "raise dpo.maxLength or lower dpo.maxPromptLength (it must leave room for a response)"
+
+    def prepared(rows: Any) -> tuple[Any, int, int]:
+        rows = rows.select_columns(keep).map(cut_prompt).map(lengths)
+        kept = rows.filter(lambda row: not row["_dropped"])
+        return kept.remove_columns(["_dropped", "_cut"]), len(rows) - len(kept), sum(rows["_cut"])
+
+    total = len(train)
+    train, dropped, cut = prepared(train)
+    if len(train) == 0:
+        raise DataError(
+            f"dataset {config.dataset_name}: all {total} training rows dropped: each prompt "
+            f"alone fills dpo.maxLength {config.dpo.max_length} tokens, leaving no response "
+            f"to compare: {how}"
+        )
+    if evaluation is not None:
+        evaluation, _, _ = prepared(evaluation)
+        if len(evaluation) == 0:
+            raise DataError(
+                f"dataset {config.dataset_name}: every validation row's prompt fills "
+                f"dpo.maxLength {config.dpo.max_length} tokens: {how}, or set "
+                "dataset.validationSize: 0"
+            )
+    if _is_main() and (dropped or cut):
+        log.warning(
+            "data: %d of %d training rows dropped (prompt fills maxLength %d) and %d cut at "
+            "maxLength (response truncated): %s to keep them whole",
+            dropped,
+            total,
+            config.dpo.max_length,
+            cut,
+            how,
+        )
+    _too_few(config, len(train), dropped, "pairs")
+    return train, evaluation
+
+
 def build_datasets(config: ResolvedConfig, tokenizer: Any) -> tuple[Any, Any | None]:
-    """Train and eval datasets, ready for the trainer of config.method."""
+    """Train and eval datasets, ready for the trainer of config.method.
+
+    A data set that would train on nothing is an error: no row with a label token, every
+    DPO row dropped by the length limits, or fewer rows than one global batch.
+    """
     rows = load_rows(config.dataset_name)
     check_fields(rows, config.dataset_format, config.dataset_name)
+    check_rows(rows, config.dataset_format, config.dataset_name)
     train, evaluation = split(rows, config.validation_size, config.seed)
     if config.dataset_format is DatasetFormat.DPO:
-        assert config.dpo is not None
-        cut = truncate_prompt(tokenizer, config.dpo.max_prompt_length)
-        keep = list(REQUIRED_FIELDS[DatasetFormat.DPO])
-        train = train.select_columns(keep).map(cut)
-        evaluation = None if evaluation is None else evaluation.select_columns(keep).map(cut)
-        return train, evaluation
-    fn = alpaca_tokenizer(tokenizer, config.cutoff_len, config.train_on_inputs)
-    columns = rows.column_names
-    train = train.map(fn, remove_columns=columns)
-    evaluation = None if evaluation is None else evaluation.map(fn, remove_columns=columns)
-    return train, evaluation
+        return _dpo_datasets(config, tokenizer, train, evaluation)
+    return _alpaca_datasets(config, tokenizer, train, evaluation)
 
 
 def build_collator(tokenizer: Any, pad_to_multiple_of: int, padding_free: bool) -> Any:

@@ -20,6 +20,26 @@ from finetune_trainer.tiny import resolve_bundled
 log = logging.getLogger(__name__)
 
 
+class ModelError(ValueError):
+    """model.name names no model this process can load. The message says what to give."""
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _is_not_found(error: BaseException) -> bool:
+    """A missing or malformed model name, as opposed to a transient failure worth a retry."""
+    names = {type(e).__name__ for e in (error, error.__cause__) if e is not None}
+    text = str(error)
+    return bool(
+        names & {"HFValidationError", "RepositoryNotFoundError", "GatedRepoError"}
+        or "is not a local folder" in text
+        or "Repo id must" in text
+        or "not a valid model identifier" in text
+    )
+
+
 def compute_dtype(config: ResolvedConfig) -> torch.dtype:
     return torch.bfloat16 if config.bf16 else torch.float32
 
@@ -41,9 +61,19 @@ def load_tokenizer(config: ResolvedConfig) -> Any:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_bundled(config.model_name), **_hub_kwargs(config)
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_bundled(config.model_name), **_hub_kwargs(config)
+        )
+    except (OSError, ValueError) as error:
+        if not _is_not_found(error):
+            raise
+        raise ModelError(
+            f"model.name {config.model_name}: not found (no such local folder, and the hub "
+            f"has no such model or it is not reachable from here: {_first_line(error)}): give "
+            "a model folder save_pretrained wrote, or a hub id such as meta-llama/Llama-2-7b-hf "
+            "(with hfTokenSecret for gated models)"
+        ) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.unk_token_id is not None:
             tokenizer.pad_token = tokenizer.unk_token

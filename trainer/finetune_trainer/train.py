@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 from finetune_operator.api import Method
 from finetune_operator.resolve import ResolvedConfig, SpecError
 from finetune_trainer import perf
+from finetune_trainer.checks import preflight
 from finetune_trainer.config import World, check_batch_rule, format_table, reconcile_world
 from finetune_trainer.data import build_collator, build_datasets
 from finetune_trainer.device import OOM_ADVICE, DeviceInfo, importable, is_oom, select_device
@@ -34,8 +35,10 @@ from finetune_trainer.model import load_tokenizer, lora_config, prepare_model
 from finetune_trainer.progress import ProgressCallback, StatusPatcher
 from finetune_trainer.save import (
     CheckpointMarker,
+    check_resume,
     is_complete,
     latest_complete_checkpoint,
+    remember_config,
     remove_incomplete_checkpoints,
     save_final,
 )
@@ -499,6 +502,10 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     """Train to the end (resuming if a complete checkpoint is there) and save."""
     world = world or World.from_env()
     output = Path(config.output_path)
+    # Bad input is refused before the model loads and before anything is written to output.
+    preflight(config)
+    changed = check_resume(config, output)
+    given = config  # as the user gave it: what the output folder remembers
     done = is_complete(output)
     if done is not None:
         log.info(
@@ -516,8 +523,6 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     how = "probe" if probes_memory(config, device) else "rule"
     if auto and how == "rule":
         config = rule_micro_batch(config, world, device)
-    if world.is_main:
-        output.mkdir(parents=True, exist_ok=True)
     if config.micro_batch_size != "auto":
         announce(config, device, world)
     init_distributed(device, world)
@@ -530,6 +535,11 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     callbacks = [progress, CheckpointMarker(progress.on_checkpoint_complete), *_test_hooks()]
     probed = config.micro_batch_size == "auto"
     trainer, tokenizer, config = build_trainer(config, device, world, callbacks)
+    if world.is_main:  # the data and model were accepted: only now is output written
+        output.mkdir(parents=True, exist_ok=True)
+        remember_config(given, output)
+        if changed:
+            log.info("resuming with changes that keep the run the same: %s", changed)
     if probed:  # now measured: the table shows the chosen micro-batch and accumulation
         announce(config, device, world)
     if auto and world.is_main:
