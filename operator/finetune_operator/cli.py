@@ -40,7 +40,7 @@ def render(text: str, settings: OperatorSettings) -> str:
         uid=metadata.get("uid") or "00000000-0000-0000-0000-000000000000",
         labels=metadata.get("labels"),
     )
-    objects = build_desired_objects(job, spec, resolved, settings)
+    objects = build_desired_objects(job, spec, resolved, settings).all()
     return yaml.dump_all(objects, Dumper=_ReadableDumper, sort_keys=False, width=100)
 
 

@@ -16,6 +16,8 @@ All names are derived from the FinetuneJob's name and every object is owner-refe
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,8 @@ JOB_NAME_LABEL = "finetune.dev/job-name"
 ROLE_LABEL = "finetune.dev/role"
 WORLD_SIZE_ANNOTATION = "finetune.dev/world-size"
 CONFIG_HASH_ANNOTATION = "finetune.dev/config-hash"
+# On the worker Job: the hash of what a running group cannot change in place (template_hash).
+TEMPLATE_HASH_ANNOTATION = "finetune.dev/template-hash"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 # Env a multi-node Intel GPU job needs under oneCCL: torchrun launches the processes (not
@@ -364,18 +368,43 @@ def config_hash(resolved: ResolvedConfig) -> str:
     return hashlib.sha256(resolved.to_json().encode()).hexdigest()[:16]
 
 
+def template_hash(job: Mapping[str, Any]) -> str:
+    """Hash of what a running group cannot change in place: the worker Job's spec without
+    `suspend` (which the Job controller applies live)."""
+    spec = {k: v for k, v in (job.get("spec") or {}).items() if k != "suspend"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DesiredObjects:
+    """Every object a FinetuneJob needs, exactly as the operator applies them (and as
+    `finetune-operator render` prints them)."""
+
+    children: tuple[Obj, ...]  # applied first, in this order
+    job: Obj  # the worker Job, last: its template hash stamped in its annotations
+
+    @property
+    def template_hash(self) -> str:
+        return str(self.job["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION])
+
+    def all(self) -> list[Obj]:
+        """Every object, in the order to create them."""
+        return [*self.children, self.job]
+
+
 def build_desired_objects(
     job: JobRef, spec: FinetuneJobSpec, resolved: ResolvedConfig, settings: OperatorSettings
-) -> list[Obj]:
-    """Every object a FinetuneJob needs, in the order to create them."""
-    objects = []
+) -> DesiredObjects:
+    """Every object a FinetuneJob needs, the worker Job's template hash stamped in."""
+    children = []
     if spec.service_account_name is None:
-        objects.append(build_service_account(job))
-    objects += [
+        children.append(build_service_account(job))
+    children += [
         build_role(job),
         build_role_binding(job, spec),
         build_config_map(job, resolved),
         build_service(job, settings),
-        build_worker_job(job, spec, resolved, settings, config_hash(resolved)),
     ]
-    return objects
+    worker_job = build_worker_job(job, spec, resolved, settings, config_hash(resolved))
+    worker_job["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION] = template_hash(worker_job)
+    return DesiredObjects(children=tuple(children), job=worker_job)

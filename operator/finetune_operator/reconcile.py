@@ -23,8 +23,6 @@ delete, so the operator may be killed at any point and simply run again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -37,11 +35,15 @@ from finetune_operator import metrics
 from finetune_operator.api import API_VERSION, KIND, ConditionType, FinetuneJobSpec, Phase
 from finetune_operator.cache import Store
 from finetune_operator.kube import Kube, KubeError
-from finetune_operator.objects import JobRef, Names, build_desired_objects
+from finetune_operator.objects import (
+    DesiredObjects,
+    JobRef,
+    Names,
+    build_desired_objects,
+)
 from finetune_operator.resolve import ResolvedConfig, SpecError, parse_spec, resolve
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import (
-    TEMPLATE_HASH_ANNOTATION,
     Event,
     Reason,
     WorkerJob,
@@ -102,13 +104,6 @@ class Plan:
     orphan_job: str | None = None  # uid: stop waiting for the old group's pods to go
     cleanup: bool = False  # TTL: delete the worker Job (and pods) and the Service
     requeue_after: float | None = None
-
-
-def template_hash(job: Mapping[str, Any]) -> str:
-    """Hash of what a running group cannot change in place: the worker Job's spec without
-    `suspend` (which the Job controller applies live)."""
-    spec = {k: v for k, v in (job.get("spec") or {}).items() if k != "suspend"}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _restart_reason(previous: Mapping[str, Any] | None) -> tuple[Reason, str] | None:
@@ -562,14 +557,9 @@ class Reconciler:
         except SpecError as caught:
             error, spec, resolved = caught, None, None
 
-        desired: list[Obj] = []
-        desired_job: Obj | None = None
+        desired: DesiredObjects | None = None
         if spec is not None and resolved is not None:
             desired = build_desired_objects(ref, spec, resolved, self.settings)
-            desired_job = desired[-1]
-            desired_job["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION] = template_hash(
-                desired_job
-            )
 
         live_job = self.store.get("batch/v1", "Job", namespace, names.workers)
         if live_job is not None and not _owned_by(live_job, ref.uid):
@@ -594,11 +584,7 @@ class Reconciler:
                 spec=spec,
                 error=error,
                 resolved=resolved,
-                template_hash=(
-                    desired_job["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
-                    if desired_job
-                    else None
-                ),
+                template_hash=desired.template_hash if desired else None,
                 job=job,
                 pods=pods,
                 service_exists=service is not None,
@@ -613,7 +599,12 @@ class Reconciler:
         return decided.requeue_after
 
     def _act(
-        self, body: Obj, decided: Plan, desired: list[Obj], live_job: Obj | None, names: Names
+        self,
+        body: Obj,
+        decided: Plan,
+        desired: DesiredObjects | None,
+        live_job: Obj | None,
+        names: Names,
     ) -> None:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
@@ -662,12 +653,17 @@ class Reconciler:
         log.warning("%s/%s %s", namespace, name, message)
 
     def _apply(
-        self, body: Obj, decided: Plan, desired: list[Obj], live_job: Obj | None, names: Names
+        self,
+        body: Obj,
+        decided: Plan,
+        desired: DesiredObjects | None,
+        live_job: Obj | None,
+        names: Names,
     ) -> None:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
-        if decided.apply_objects:
-            for obj in desired[:-1]:
+        if decided.apply_objects and desired is not None:
+            for obj in desired.children:
                 live = self.store.get(
                     obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"]
                 )
@@ -716,8 +712,8 @@ class Reconciler:
                 name,
                 self.replace_grace_seconds,
             )
-        elif decided.apply_job and desired:
-            job = desired[-1]
+        elif decided.apply_job and desired is not None:
+            job = desired.job
             if live_job is None:
                 try:
                     self._seen(self.kube.create(job))

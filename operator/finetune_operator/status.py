@@ -25,12 +25,11 @@ from finetune_operator.api import ConditionType, Phase
 from finetune_operator.objects import (
     COMPLETION_INDEX_ANNOTATION,
     CONFIG_HASH_ANNOTATION,
+    TEMPLATE_HASH_ANNOTATION,
     WORLD_SIZE_ANNOTATION,
 )
 
 Obj = dict[str, Any]
-
-TEMPLATE_HASH_ANNOTATION = "finetune.dev/template-hash"
 
 # Status fields the trainer writes: the operator never patches them.
 TRAINER_FIELDS = frozenset({"progress", "checkpoint"})

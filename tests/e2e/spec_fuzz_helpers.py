@@ -256,7 +256,7 @@ def render(name: str, namespace: str, spec: dict[str, Any]) -> list[dict[str, An
     resolved = resolve(parsed)
     check_name(name)
     job = JobRef(name=name, namespace=namespace, uid="00000000-0000-4000-8000-000000000000")
-    return build_desired_objects(job, parsed, resolved, OperatorSettings())
+    return build_desired_objects(job, parsed, resolved, OperatorSettings()).all()
 
 
 PASSTHROUGH_PATHS = (

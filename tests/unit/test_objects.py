@@ -21,7 +21,7 @@ MINIMAL = {"model": {"name": "m"}, "dataset": {"name": "d"}}
 def objects(**spec: Any) -> dict[str, dict[str, Any]]:
     parsed = parse_spec({**MINIMAL, **spec})
     built = build_desired_objects(JOB, parsed, resolve(parsed), OperatorSettings())
-    return {obj["kind"]: obj for obj in built}
+    return {obj["kind"]: obj for obj in built.all()}
 
 
 def worker_pod(**spec: Any) -> dict[str, Any]:

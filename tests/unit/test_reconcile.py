@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.reconcile import Inputs, Plan, plan, template_hash
+from finetune_operator.objects import template_hash
+from finetune_operator.reconcile import Inputs, Plan, plan
 from finetune_operator.resolve import SpecError, parse_spec, resolve
 from finetune_operator.status import WorkerJob, WorkerPod, status_patch
 

@@ -11,18 +11,22 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
+import yaml
 
 from finetune_operator.api import API_VERSION, KIND
 from finetune_operator.cache import Store, fill
+from finetune_operator.cli import render
 from finetune_operator.kube import _RESOURCES, Kube, KubeError
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
+GOLDEN = Path(__file__).parent / "golden"
 PLURALS = {plural: (api_version, kind) for (api_version, kind), (_, plural) in _RESOURCES.items()}
 
 
@@ -260,3 +264,26 @@ def test_pods_stopped_by_a_hand_made_suspend_are_no_failure(api: FakeApiKube) ->
     assert api.requests["DELETE jobs"] == 0  # no group restart
     status = api.objects[("finetunejobs", "ns", "tiny")]["status"]
     assert status["restarts"] == 0 and "lastFailure" not in status
+
+
+@pytest.mark.parametrize("case", ["cpu-tiny", "qlora-4x2", "dpo"])
+def test_render_prints_exactly_what_the_operator_applies(api: FakeApiKube, case: str) -> None:
+    manifest = yaml.safe_load((GOLDEN / f"{case}.in.yaml").read_text())
+    manifest["metadata"].update(namespace="ns", uid="ftj-uid", generation=1)
+    name = manifest["metadata"]["name"]
+    api.add(manifest)
+    store = Store()
+    fill(store, api, ["ns"])
+    Reconciler(kube=api, settings=OperatorSettings(), store=store).reconcile_named("ns", name)
+
+    rendered = list(yaml.safe_load_all(render(yaml.safe_dump(manifest), OperatorSettings())))
+    applied = []
+    for obj in rendered:
+        plural = _RESOURCES[(obj["apiVersion"], obj["kind"])][1]
+        written = copy.deepcopy(api.objects[(plural, "ns", obj["metadata"]["name"])])
+        for server_field in ("uid", "resourceVersion"):
+            del written["metadata"][server_field]  # set by the API server, not by either
+        applied.append(written)
+    assert applied == rendered
+    created = {key for key in api.objects if key[0] != "finetunejobs"}
+    assert len(created) == len(rendered), created

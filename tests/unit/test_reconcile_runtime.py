@@ -69,14 +69,14 @@ def test_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_extra_pod_labels_only_reach_the_pod_template() -> None:
     spec = parse_spec({"model": {"name": "m"}, "dataset": {"name": "d"}})
     settings = OperatorSettings(extra_pod_labels={"finetune.dev/simulate": "manual"})
-    objects = build_desired_objects(JobRef("j", "ns", "uid"), spec, resolve(spec), settings)
-    job = objects[-1]
+    desired = build_desired_objects(JobRef("j", "ns", "uid"), spec, resolve(spec), settings)
+    job = desired.job
     assert job["spec"]["template"]["metadata"]["labels"]["finetune.dev/simulate"] == "manual"
-    assert all("finetune.dev/simulate" not in o["metadata"]["labels"] for o in objects)
+    assert all("finetune.dev/simulate" not in o["metadata"]["labels"] for o in desired.all())
     default = build_desired_objects(
         JobRef("j", "ns", "uid"), spec, resolve(spec), OperatorSettings()
     )
-    assert "finetune.dev/simulate" not in default[-1]["spec"]["template"]["metadata"]["labels"]
+    assert "finetune.dev/simulate" not in default.job["spec"]["template"]["metadata"]["labels"]
 
 
 # -- metrics, lease, subset -----------------------------------------------------------------------
@@ -185,8 +185,9 @@ def test_runner_prepares_the_pod_as_written(tmp_path: Path) -> None:
     )
     resolved = resolve(spec)
     job = JobRef("tiny", "ns", "ftj-uid")
-    objects = build_desired_objects(job, spec, resolved, OperatorSettings())
-    config_map, worker_job = objects[-3], objects[-1]
+    desired = build_desired_objects(job, spec, resolved, OperatorSettings())
+    config_map = next(o for o in desired.children if o["kind"] == "ConfigMap")
+    worker_job = desired.job
     template = worker_job["spec"]["template"]
     pod = {
         "metadata": {
