@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "finetune.dev"
@@ -294,16 +294,51 @@ class QuantizationSpec(_Spec):
     )
 
 
+DPO_MAX_PROMPT_LENGTH, DPO_MAX_LENGTH = 1024, 1536
+DPO_LENGTHS_MESSAGE = (
+    f"dpo.maxPromptLength must be below dpo.maxLength (defaults {DPO_MAX_PROMPT_LENGTH} and "
+    f"{DPO_MAX_LENGTH}): a prompt "
+    "that fills the sequence leaves no response to train on; lower maxPromptLength or raise "
+    "maxLength"
+)
+
+
 class DpoSpec(_Spec):
     beta: float = Field(
         default=0.1, gt=0, description="Strength of the KL penalty to the reference. Default: 0.1."
     )
     max_prompt_length: int = Field(
-        default=1024, ge=1, description="Maximum prompt tokens. Default: 1024."
+        default=DPO_MAX_PROMPT_LENGTH,
+        ge=1,
+        description=f"Maximum prompt tokens. Default: {DPO_MAX_PROMPT_LENGTH}.",
     )
     max_length: int = Field(
-        default=1536, ge=2, description="Maximum prompt plus response tokens. Default: 1536."
+        default=DPO_MAX_LENGTH,
+        ge=2,
+        description=f"Maximum prompt plus response tokens. Default: {DPO_MAX_LENGTH}.",
     )
+
+    # The same check as a CEL rule in the CRD, so `kubectl apply` refuses it first.
+    model_config = ConfigDict(
+        **_Spec.model_config,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"(has(self.maxPromptLength) ? self.maxPromptLength : "
+                    f"{DPO_MAX_PROMPT_LENGTH}) < (has(self.maxLength) ? self.maxLength : "
+                    f"{DPO_MAX_LENGTH})",
+                    "message": DPO_LENGTHS_MESSAGE,
+                    "fieldPath": ".maxPromptLength",
+                }
+            ]
+        },
+    )
+
+    @model_validator(mode="after")
+    def _prompt_leaves_room(self) -> DpoSpec:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(DPO_LENGTHS_MESSAGE)
+        return self
 
 
 class OutputSpec(_Spec):
