@@ -1,18 +1,25 @@
 """Reconcile one FinetuneJob: observe, decide (pure: `plan`), act (`Reconciler`).
 
-`plan(Inputs) -> Plan` holds every decision and is what the unit tests drive:
+`plan(Inputs) -> Plan` holds every decision; it asks one small policy function per concern,
+in this order (each has its own table of tests), and the first that decides makes the plan:
 
-- invalid spec: Valid=False with the reason and an Event; nothing is created, and a running
+- `invalid_spec`: Valid=False with the reason and an Event; nothing is created, and a running
   group is left as it is (a rejected edit changes nothing but the condition);
-- Succeeded / Failed are final: nothing is recreated; after ttlSecondsAfterFinished the
-  worker Job (with its pods) and the Service are deleted, the FinetuneJob is kept;
-- a failed worker Job, or a worker pod that failed or went away (deleted, node lost) while it
-  should run: the whole group restarts (the Job is deleted and recreated, the trainer resumes
-  from its last checkpoint), `restarts` + 1, up to `backoffLimit`, then Failed with the pod's
-  reason; `lastFailure.jobUid` makes the count exactly-once across operator restarts;
-- a changed pod template (world size, image, ...): the group restarts with it (Scaling when
-  the world size changed: the ConfigMap carries the recomputed accumulation);
-- otherwise: every object applied (created, drift repaired; suspend follows the spec) and the
+- `finished`: Succeeded / Failed are final: nothing is recreated; after
+  ttlSecondsAfterFinished the worker Job (with its pods) and the Service are deleted, the
+  FinetuneJob is kept;
+- (`suspension` sets the Suspended condition from spec.suspend on every other path;)
+- `backoff_raised`: a Failed job whose spec.backoffLimit was raised restarts once more;
+- `being_replaced`: a worker Job that is going is waited for (let go after a grace period);
+- `worker_failure`: a failed worker Job, or a worker pod that failed or went away (deleted,
+  node lost) while it should run: the whole group restarts (the Job is deleted and
+  recreated, the trainer resumes from its last checkpoint), `restarts` + 1, up to
+  `backoffLimit`, then Failed with the pod's reason; `lastFailure.jobUid` makes the count
+  exactly-once across operator restarts;
+- `training_complete`: every worker finished: Succeeded;
+- `template_changed`: a changed pod template (world size, image, ...): the group restarts with
+  it (Scaling when the world size changed: the ConfigMap carries the recomputed accumulation);
+- `steady`: every object applied (created, drift repaired; suspend follows the spec) and the
   phase is Running only when every worker runs.
 
 The `Reconciler` reads the objects from the watch cache (`cache.Store`), calls `plan`, and
@@ -117,144 +124,91 @@ def _restart_reason(previous: Mapping[str, Any] | None) -> tuple[Reason, str] | 
     return None
 
 
-def plan(i: Inputs) -> Plan:
-    prev = dict(i.status)
-    old_conditions: list[Obj] = list(prev.get("conditions") or [])
-    prev_phase = phase_of(prev)
-    gen, now = i.generation, i.now
-    conditions: list[Obj] = []
+class Draft:
+    """A plan being written: the status and conditions so far, what was there before, and the
+    actions decided. Each policy below adds to it; `finish` turns it into the Plan."""
 
-    def cond(type_: ConditionType, status: bool, reason: Reason, message: str) -> None:
-        conditions.append(condition(type_, status, reason, message, gen, now))
+    def __init__(self, i: Inputs) -> None:
+        self.i = i
+        self.prev: Obj = dict(i.status)
+        self.old_conditions: list[Obj] = list(self.prev.get("conditions") or [])
+        self.prev_phase = phase_of(self.prev)
+        self.prev_running = get_condition(self.old_conditions, ConditionType.RUNNING)
+        self.restarts = int(self.prev.get("restarts") or 0)
+        self.status: Obj = {"observedGeneration": i.generation, "restarts": self.restarts}
+        self.plan = Plan(status=self.status)
+        self.conditions: list[Obj] = []
 
-    restarts = int(prev.get("restarts") or 0)
-    status: Obj = {"observedGeneration": gen, "restarts": restarts}
-    result = Plan(status=status)
-    pods = i.pods
-    prev_running = get_condition(old_conditions, ConditionType.RUNNING)
-
-    def finish() -> Plan:
-        merged = merge_conditions(old_conditions, conditions)
-        status["conditions"] = merged
-        result.events = transition_events(old_conditions, merged)
-        return result
-
-    # -- invalid spec: report, create nothing, touch nothing -----------------------------------
-    if i.spec is None or i.resolved is None:
-        error = i.error or SpecError("the spec could not be read")
-        if i.job is None:
-            tail = "Nothing was created: fix the spec (kubectl edit) and it is picked up."
-        else:
-            tail = (
-                "The change was not applied: the running group is left as it is. Fix the "
-                "spec or undo the edit."
-            )
-        cond(ConditionType.VALID, False, Reason.for_spec_error(error.reason), f"{error} {tail}")
-        status["phase"] = (prev_phase or Phase.PENDING).value
-        desired = (prev.get("workers") or {}).get("desired", i.requested_workers)
-        status["workers"] = workers_status(desired, pods)
-        if i.job is None and prev_phase in (None, Phase.PENDING):
-            cond(ConditionType.CREATED, False, Reason.NOT_CREATED, "The spec is not valid.")
-        return finish()
-
-    spec, resolved = i.spec, i.resolved
-    accumulation = resolved.gradient_accumulation_steps
-    cond(
-        ConditionType.VALID,
-        True,
-        Reason.SPEC_VALID,
-        f"World size {resolved.world_size} ({resolved.workers} workers x "
-        f"{resolved.devices_per_worker} devices), global batch {resolved.global_batch_size}, "
-        f"micro-batch {resolved.micro_batch_size}, gradient accumulation "
-        f"{accumulation if accumulation is not None else 'auto'}.",
-    )
-    status["resolved"] = resolved.model_dump(mode="json", by_alias=True, exclude_none=True)
-    status["workers"] = workers_status(resolved.workers, pods)
-    status["worldSize"] = i.job.world_size if i.job and i.job.world_size else resolved.world_size
-
-    # -- final phases: keep them; clean up after the TTL ------------------------------------------
-    # (Failed is final unless spec.backoffLimit was raised above the restarts made: a retry.)
-    retry = prev_phase is Phase.FAILED and spec.backoff_limit > restarts
-    if prev_phase in (Phase.SUCCEEDED, Phase.FAILED) and not retry:
-        status["phase"] = prev_phase.value
-        ttl = spec.ttl_seconds_after_finished
-        if ttl is not None:
-            finished = parse_time(prev.get("completionTime")) or now
-            due = finished + timedelta(seconds=ttl)
-            if now >= due:
-                if i.job is not None or i.service_exists:
-                    result.cleanup = True
-                cond(
-                    ConditionType.CREATED,
-                    False,
-                    Reason.CLEANED_UP,
-                    f"ttlSecondsAfterFinished ({ttl}s) passed: the worker pods, their Job and "
-                    "the Service were deleted. The FinetuneJob, its status and the output "
-                    "volume are kept.",
-                )
-            else:
-                result.requeue_after = (due - now).total_seconds()
-        return finish()
-
-    suspended_condition = get_condition(old_conditions, ConditionType.SUSPENDED)
-    if spec.suspend:
-        cond(
-            ConditionType.SUSPENDED,
-            True,
-            Reason.SUSPENDED,
-            "spec.suspend is true: the worker pods are stopped and the job is kept. Set it to "
-            "false to resume from the last checkpoint.",
+    def cond(self, type_: ConditionType, status: bool, reason: Reason, message: str) -> None:
+        self.conditions.append(
+            condition(type_, status, reason, message, self.i.generation, self.i.now)
         )
-    elif suspended_condition and suspended_condition.get("status") == "True":
-        cond(
-            ConditionType.SUSPENDED,
-            False,
-            Reason.RESUMED,
-            "Resumed: the workers start again from the last checkpoint.",
-        )
-    elif suspended_condition is None or suspended_condition.get("reason") != Reason.RESUMED.value:
-        cond(ConditionType.SUSPENDED, False, Reason.NOT_SUSPENDED, "The job is not suspended.")
-    cond(ConditionType.SUCCEEDED, False, Reason.NOT_FINISHED, "Training has not finished.")
 
-    def no_failure() -> None:
-        message = (
-            "No worker has failed."
-            if restarts == 0
-            else (
-                f"The group was restarted {restarts} time(s) after worker failures (backoffLimit "
-                f"{spec.backoff_limit}); see status.lastFailure."
-            )
-        )
-        cond(ConditionType.FAILED, False, Reason.NO_FAILURE, message)
+    def finish(self) -> Plan:
+        merged = merge_conditions(self.old_conditions, self.conditions)
+        self.status["conditions"] = merged
+        self.plan.events = transition_events(self.old_conditions, merged)
+        return self.plan
 
-    def created() -> None:
-        rejected = get_condition(old_conditions, ConditionType.CREATED)
+
+class ValidDraft(Draft):
+    """A Draft for a spec that parsed and resolved."""
+
+    def __init__(self, i: Inputs, spec: FinetuneJobSpec, resolved: ResolvedConfig) -> None:
+        super().__init__(i)
+        self.spec, self.resolved = spec, resolved
+        checkpoint = (self.prev.get("checkpoint") or {}).get("step")
+        self.from_where = f"checkpoint step {checkpoint}" if checkpoint else "the last checkpoint"
+
+    def created(self) -> None:
+        """Created=True, unless the API server refused a child of this very generation: that
+        stays the answer until the spec changes, so status does not flap every pass."""
+        rejected = get_condition(self.old_conditions, ConditionType.CREATED)
         if (
             rejected is not None
             and rejected.get("reason") == Reason.OBJECT_REJECTED.value
-            and rejected.get("observedGeneration") == gen
+            and rejected.get("observedGeneration") == self.i.generation
         ):
-            # The API server refused a child of this very spec: that stays the answer until
-            # the spec changes (a new generation), so status does not flap every pass.
-            conditions.append(dict(rejected))
+            self.conditions.append(dict(rejected))
             return
-        cond(
+        self.cond(
             ConditionType.CREATED,
             True,
             Reason.OBJECTS_CREATED,
-            f"Created the worker Job {Names(i.name).workers}, the Service, the ConfigMap "
+            f"Created the worker Job {Names(self.i.name).workers}, the Service, the ConfigMap "
             "and the trainer's RBAC.",
         )
 
-    def waiting(job_exists: bool) -> None:
+    def no_failure(self) -> None:
+        self.cond(
+            ConditionType.FAILED,
+            False,
+            Reason.NO_FAILURE,
+            "No worker has failed."
+            if self.restarts == 0
+            else (
+                f"The group was restarted {self.restarts} time(s) after worker failures "
+                f"(backoffLimit {self.spec.backoff_limit}); see status.lastFailure."
+            ),
+        )
+
+    def restarting(self, message: str) -> None:
+        """Phase Restarting, with `message` on the Running condition."""
+        self.status["phase"] = Phase.RESTARTING.value
+        self.cond(ConditionType.RUNNING, False, Reason.RESTARTING, message)
+
+    def waiting(self, job_exists: bool) -> None:
         """Not every worker runs yet: Pending, or Restarting while a group restart is on."""
-        restart = _restart_reason(prev_running) if prev_phase is Phase.RESTARTING else None
+        spec, resolved, status = self.spec, self.resolved, self.status
+        restart = (
+            _restart_reason(self.prev_running) if self.prev_phase is Phase.RESTARTING else None
+        )
         if spec.suspend:
             status["phase"] = Phase.SUSPENDED.value
-            cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "The job is suspended.")
+            self.cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "The job is suspended.")
         elif restart is not None:
             status["phase"] = Phase.RESTARTING.value
-            cond(ConditionType.RUNNING, False, restart[0], restart[1])
+            self.cond(ConditionType.RUNNING, False, restart[0], restart[1])
         else:
             status["phase"] = Phase.PENDING.value
             ready = status["workers"]["ready"]
@@ -264,7 +218,7 @@ def plan(i: Inputs) -> Plan:
                 if job_exists
                 else "Creating the worker group."
             )
-            stuck = [p for p in pods if p.unschedulable]
+            stuck = [p for p in self.i.pods if p.unschedulable]
             if stuck:
                 what += (
                     f" {len(stuck)} worker pod(s) cannot be scheduled: {stuck[0].unschedulable}"
@@ -273,172 +227,290 @@ def plan(i: Inputs) -> Plan:
                     "tolerations and affinity): free some, add nodes, or lower workers or "
                     "devicesPerWorker."
                 )
-            cond(ConditionType.RUNNING, False, Reason.WAITING_FOR_WORKERS, what)
-        result.requeue_after = SHORT_REQUEUE if not job_exists else None
+            self.cond(ConditionType.RUNNING, False, Reason.WAITING_FOR_WORKERS, what)
+        self.plan.requeue_after = SHORT_REQUEUE if not job_exists else None
 
-    job = i.job
-    broken = first_broken(pods)
-    checkpoint = (prev.get("checkpoint") or {}).get("step")
-    from_where = f"checkpoint step {checkpoint}" if checkpoint else "the last checkpoint"
 
-    if retry:
-        restarts += 1
-        status["restarts"] = restarts
-        status["completionTime"] = None
-        status["phase"] = Phase.RESTARTING.value
-        result.apply_objects = True
-        created()
-        no_failure()
-        if job is not None and not job.deleting:
-            result.delete_job = job.uid
-        cond(
-            ConditionType.RUNNING,
-            False,
-            Reason.RESTARTING,
-            f"spec.backoffLimit was raised to {spec.backoff_limit}: restarting the whole group "
-            f"from {from_where} (restart {restarts} of backoffLimit {spec.backoff_limit}).",
+# -- the policies: one concern each, in the order `plan` consults them ------------------------
+
+
+def invalid_spec(d: Draft) -> Plan:
+    """Valid=False with the reason; nothing is created and a running group is left as it is."""
+    i, status = d.i, d.status
+    error = i.error or SpecError("the spec could not be read")
+    if i.job is None:
+        tail = "Nothing was created: fix the spec (kubectl edit) and it is picked up."
+    else:
+        tail = (
+            "The change was not applied: the running group is left as it is. Fix the "
+            "spec or undo the edit."
         )
-        return finish()
+    d.cond(ConditionType.VALID, False, Reason.for_spec_error(error.reason), f"{error} {tail}")
+    status["phase"] = (d.prev_phase or Phase.PENDING).value
+    desired = (d.prev.get("workers") or {}).get("desired", i.requested_workers)
+    status["workers"] = workers_status(desired, i.pods)
+    if i.job is None and d.prev_phase in (None, Phase.PENDING):
+        d.cond(ConditionType.CREATED, False, Reason.NOT_CREATED, "The spec is not valid.")
+    return d.finish()
 
-    if job is not None and job.deleting:
-        # Being replaced (a restart or a new world size) or deleted by hand: wait until gone.
-        since = parse_time(job.deletion_time)
-        if since is not None and (now - since).total_seconds() > i.replace_grace_seconds:
-            result.orphan_job = job.uid
-        result.apply_objects = True
-        created()
-        no_failure()
-        waiting(job_exists=False)
-        result.requeue_after = SHORT_REQUEUE
-        return finish()
 
-    # Training is over once every index has a Succeeded pod, whatever the Job says yet (its
-    # controller may be down, or not caught up): a pod lost after that restarts nothing.
-    training_done = job is not None and (
-        job.complete
-        or (
-            job.template_hash == i.template_hash
-            and set(range(resolved.workers)) <= {p.index for p in pods if p.phase == "Succeeded"}
-        )
+def spec_valid(d: ValidDraft) -> None:
+    """Valid=True with the world size and batch arithmetic; the resolved config and workers."""
+    i, resolved = d.i, d.resolved
+    accumulation = resolved.gradient_accumulation_steps
+    d.cond(
+        ConditionType.VALID,
+        True,
+        Reason.SPEC_VALID,
+        f"World size {resolved.world_size} ({resolved.workers} workers x "
+        f"{resolved.devices_per_worker} devices), global batch {resolved.global_batch_size}, "
+        f"micro-batch {resolved.micro_batch_size}, gradient accumulation "
+        f"{accumulation if accumulation is not None else 'auto'}.",
     )
-    if job is not None and not training_done and (job.failed or (broken and not job.suspended)):
-        what = (
-            broken.describe()
-            if broken
-            else (
-                f"the worker Job failed ({job.failure_reason or 'Failed'}: "
-                f"{job.failure_message or 'no message'})"
-            )
-        )
-        last = dict(prev.get("lastFailure") or {})
-        result.apply_objects = True
-        created()
-        if last.get("jobUid") == job.uid:
-            # Counted already (the operator stopped half way): finish the restart.
-            result.delete_job = job.uid
-            no_failure()
-            status["phase"] = Phase.RESTARTING.value
-            restart = _restart_reason(prev_running) or (Reason.RESTARTING, what)
-            cond(ConditionType.RUNNING, False, restart[0], restart[1])
-            return finish()
-        failure: Obj = {
-            "pod": broken.name if broken else None,
-            "reason": (broken.reason if broken else job.failure_reason) or "Failed",
-            "message": (broken.message if broken else job.failure_message) or what,
-            "exitCode": broken.exit_code if broken else None,
-            "time": timestamp(now),
-            "jobUid": job.uid,
-        }
-        status["lastFailure"] = {k: v for k, v in failure.items() if v is not None}
-        if restarts >= spec.backoff_limit:
-            status["phase"] = Phase.FAILED.value
-            status["completionTime"] = timestamp(now)
-            cond(
-                ConditionType.FAILED,
-                True,
-                Reason.BACKOFF_LIMIT_EXCEEDED,
-                f"{what}. The group was restarted {restarts} time(s) and backoffLimit is "
-                f"{spec.backoff_limit}: read the pod's logs (kubectl logs {failure['pod'] or ''})"
-                " and the Events, fix the cause, then re-create the FinetuneJob (or raise "
-                "spec.backoffLimit).",
-            )
-            cond(ConditionType.RUNNING, False, Reason.WORKER_FAILED, what)
-            return finish()
-        restarts += 1
-        status["restarts"] = restarts
-        status["phase"] = Phase.RESTARTING.value
-        result.delete_job = job.uid
-        no_failure()
-        cond(
-            ConditionType.RUNNING,
-            False,
-            Reason.RESTARTING,
-            f"{what}: restarting the whole group from {from_where} (restart {restarts} of "
-            f"backoffLimit {spec.backoff_limit}).",
-        )
-        return finish()
+    d.status["resolved"] = resolved.model_dump(mode="json", by_alias=True, exclude_none=True)
+    d.status["workers"] = workers_status(resolved.workers, i.pods)
+    d.status["worldSize"] = i.job.world_size if i.job and i.job.world_size else resolved.world_size
 
-    if job is not None and training_done:
-        status["phase"] = Phase.SUCCEEDED.value
-        status["completionTime"] = job.completion_time or timestamp(now)
-        no_failure()
-        conditions[:] = [c for c in conditions if c["type"] != ConditionType.SUCCEEDED.value]
-        final = (prev.get("checkpoint") or {}).get("latest")
-        cond(
-            ConditionType.SUCCEEDED,
-            True,
-            Reason.TRAINING_COMPLETE,
-            f"All {resolved.workers} workers finished training"
-            + (f"; the latest checkpoint is {final}." if final else ".")
-            + f" Results are in {resolved.output_path} on the output volume.",
-        )
-        cond(ConditionType.RUNNING, False, Reason.FINISHED, "Training finished.")
-        if spec.ttl_seconds_after_finished is not None:
-            result.requeue_after = float(spec.ttl_seconds_after_finished)
-        return finish()
 
-    if job is not None and i.template_hash is not None and job.template_hash != i.template_hash:
-        result.apply_objects = True
-        result.delete_job = job.uid
-        created()
-        no_failure()
-        if job.world_size is not None and job.world_size != resolved.world_size:
-            reason = Reason.SCALING
-            message = (
-                f"Scaling from world size {job.world_size} to {resolved.world_size} "
-                f"({resolved.workers} workers x {resolved.devices_per_worker} devices): gradient "
-                f"accumulation is now {accumulation}, the global batch "
-                f"{resolved.global_batch_size} is unchanged; the group restarts from "
-                f"{from_where}."
+def retrying(d: ValidDraft) -> bool:
+    """Failed is final unless spec.backoffLimit was raised above the restarts made."""
+    return d.prev_phase is Phase.FAILED and d.spec.backoff_limit > d.restarts
+
+
+def finished(d: ValidDraft) -> Plan | None:
+    """Succeeded and Failed are final: kept; after ttlSecondsAfterFinished the worker Job and
+    the Service are deleted (the FinetuneJob is kept)."""
+    if d.prev_phase not in (Phase.SUCCEEDED, Phase.FAILED) or retrying(d):
+        return None
+    i = d.i
+    d.status["phase"] = d.prev_phase.value
+    ttl = d.spec.ttl_seconds_after_finished
+    if ttl is not None:
+        done_at = parse_time(d.prev.get("completionTime")) or i.now
+        due = done_at + timedelta(seconds=ttl)
+        if i.now >= due:
+            if i.job is not None or i.service_exists:
+                d.plan.cleanup = True
+            d.cond(
+                ConditionType.CREATED,
+                False,
+                Reason.CLEANED_UP,
+                f"ttlSecondsAfterFinished ({ttl}s) passed: the worker pods, their Job and "
+                "the Service were deleted. The FinetuneJob, its status and the output "
+                "volume are kept.",
             )
         else:
-            reason = Reason.SPEC_CHANGED
-            message = (
-                f"The workers' pod template changed: the group restarts with it from {from_where}."
-            )
-        status["phase"] = (Phase.SUSPENDED if spec.suspend else Phase.RESTARTING).value
-        cond(ConditionType.RUNNING, False, reason, message)
-        return finish()
+            d.plan.requeue_after = (due - i.now).total_seconds()
+    return d.finish()
 
-    result.apply_objects = True
-    result.apply_job = True
-    created()
-    no_failure()
-    if job is None:
-        waiting(job_exists=False)
-        return finish()
-    if spec.suspend:
-        waiting(job_exists=True)
-        return finish()
+
+def suspension(d: ValidDraft) -> None:
+    """The Suspended condition follows spec.suspend (Resumed once, after a suspension)."""
+    previous = get_condition(d.old_conditions, ConditionType.SUSPENDED)
+    if d.spec.suspend:
+        d.cond(
+            ConditionType.SUSPENDED,
+            True,
+            Reason.SUSPENDED,
+            "spec.suspend is true: the worker pods are stopped and the job is kept. Set it to "
+            "false to resume from the last checkpoint.",
+        )
+    elif previous and previous.get("status") == "True":
+        d.cond(
+            ConditionType.SUSPENDED,
+            False,
+            Reason.RESUMED,
+            "Resumed: the workers start again from the last checkpoint.",
+        )
+    elif previous is None or previous.get("reason") != Reason.RESUMED.value:
+        d.cond(ConditionType.SUSPENDED, False, Reason.NOT_SUSPENDED, "The job is not suspended.")
+
+
+def backoff_raised(d: ValidDraft) -> Plan | None:
+    """A Failed job whose backoffLimit was raised restarts the whole group, once more."""
+    if not retrying(d):
+        return None
+    job, spec = d.i.job, d.spec
+    d.restarts += 1
+    d.status["restarts"] = d.restarts
+    d.status["completionTime"] = None
+    d.plan.apply_objects = True
+    d.created()
+    d.no_failure()
+    if job is not None and not job.deleting:
+        d.plan.delete_job = job.uid
+    d.restarting(
+        f"spec.backoffLimit was raised to {spec.backoff_limit}: restarting the whole group "
+        f"from {d.from_where} (restart {d.restarts} of backoffLimit {spec.backoff_limit}).",
+    )
+    return d.finish()
+
+
+def being_replaced(d: ValidDraft) -> Plan | None:
+    """The worker Job is going (a restart, a new world size, or deleted by hand): wait until it
+    is gone; past the grace period, let it go with its pods orphaned."""
+    i, job = d.i, d.i.job
+    if job is None or not job.deleting:
+        return None
+    since = parse_time(job.deletion_time)
+    if since is not None and (i.now - since).total_seconds() > i.replace_grace_seconds:
+        d.plan.orphan_job = job.uid
+    d.plan.apply_objects = True
+    d.created()
+    d.no_failure()
+    d.waiting(job_exists=False)
+    d.plan.requeue_after = SHORT_REQUEUE
+    return d.finish()
+
+
+def training_done(d: ValidDraft) -> bool:
+    """Training is over once every index has a Succeeded pod, whatever the Job says yet (its
+    controller may be down, or not caught up): a pod lost after that restarts nothing."""
+    job = d.i.job
+    return job is not None and (
+        job.complete
+        or (
+            job.template_hash == d.i.template_hash
+            and set(range(d.resolved.workers))
+            <= {p.index for p in d.i.pods if p.phase == "Succeeded"}
+        )
+    )
+
+
+def worker_failure(d: ValidDraft) -> Plan | None:
+    """A failed worker Job, or a worker pod that failed or went away while it should run: the
+    whole group restarts from the last checkpoint, `restarts` + 1, up to backoffLimit; then
+    Failed. `lastFailure.jobUid` makes the count exactly-once across operator restarts."""
+    i, job, spec = d.i, d.i.job, d.spec
+    broken = first_broken(i.pods)
+    if job is None or training_done(d) or not (job.failed or (broken and not job.suspended)):
+        return None
+    what = (
+        broken.describe()
+        if broken
+        else (
+            f"the worker Job failed ({job.failure_reason or 'Failed'}: "
+            f"{job.failure_message or 'no message'})"
+        )
+    )
+    last = dict(d.prev.get("lastFailure") or {})
+    d.plan.apply_objects = True
+    d.created()
+    if last.get("jobUid") == job.uid:
+        # Counted already (the operator stopped half way): finish the restart.
+        d.plan.delete_job = job.uid
+        d.no_failure()
+        d.status["phase"] = Phase.RESTARTING.value
+        restart = _restart_reason(d.prev_running) or (Reason.RESTARTING, what)
+        d.cond(ConditionType.RUNNING, False, restart[0], restart[1])
+        return d.finish()
+    failure: Obj = {
+        "pod": broken.name if broken else None,
+        "reason": (broken.reason if broken else job.failure_reason) or "Failed",
+        "message": (broken.message if broken else job.failure_message) or what,
+        "exitCode": broken.exit_code if broken else None,
+        "time": timestamp(i.now),
+        "jobUid": job.uid,
+    }
+    d.status["lastFailure"] = {k: v for k, v in failure.items() if v is not None}
+    if d.restarts >= spec.backoff_limit:
+        d.status["phase"] = Phase.FAILED.value
+        d.status["completionTime"] = timestamp(i.now)
+        d.cond(
+            ConditionType.FAILED,
+            True,
+            Reason.BACKOFF_LIMIT_EXCEEDED,
+            f"{what}. The group was restarted {d.restarts} time(s) and backoffLimit is "
+            f"{spec.backoff_limit}: read the pod's logs (kubectl logs {failure['pod'] or ''})"
+            " and the Events, fix the cause, then re-create the FinetuneJob (or raise "
+            "spec.backoffLimit).",
+        )
+        d.cond(ConditionType.RUNNING, False, Reason.WORKER_FAILED, what)
+        return d.finish()
+    d.restarts += 1
+    d.status["restarts"] = d.restarts
+    d.plan.delete_job = job.uid
+    d.no_failure()
+    d.restarting(
+        f"{what}: restarting the whole group from {d.from_where} (restart {d.restarts} of "
+        f"backoffLimit {spec.backoff_limit}).",
+    )
+    return d.finish()
+
+
+def training_complete(d: ValidDraft) -> Plan | None:
+    """Every worker finished: Succeeded, with where the results are."""
+    i, job, resolved = d.i, d.i.job, d.resolved
+    if job is None or not training_done(d):
+        return None
+    d.status["phase"] = Phase.SUCCEEDED.value
+    d.status["completionTime"] = job.completion_time or timestamp(i.now)
+    d.no_failure()
+    d.conditions[:] = [c for c in d.conditions if c["type"] != ConditionType.SUCCEEDED.value]
+    final = (d.prev.get("checkpoint") or {}).get("latest")
+    d.cond(
+        ConditionType.SUCCEEDED,
+        True,
+        Reason.TRAINING_COMPLETE,
+        f"All {resolved.workers} workers finished training"
+        + (f"; the latest checkpoint is {final}." if final else ".")
+        + f" Results are in {resolved.output_path} on the output volume.",
+    )
+    d.cond(ConditionType.RUNNING, False, Reason.FINISHED, "Training finished.")
+    if d.spec.ttl_seconds_after_finished is not None:
+        d.plan.requeue_after = float(d.spec.ttl_seconds_after_finished)
+    return d.finish()
+
+
+def template_changed(d: ValidDraft) -> Plan | None:
+    """A changed pod template (world size, image, ...): the group restarts with it (Scaling
+    when the world size changed: the ConfigMap carries the recomputed accumulation)."""
+    i, job, resolved = d.i, d.i.job, d.resolved
+    if job is None or i.template_hash is None or job.template_hash == i.template_hash:
+        return None
+    d.plan.apply_objects = True
+    d.plan.delete_job = job.uid
+    d.created()
+    d.no_failure()
+    if job.world_size is not None and job.world_size != resolved.world_size:
+        reason = Reason.SCALING
+        message = (
+            f"Scaling from world size {job.world_size} to {resolved.world_size} "
+            f"({resolved.workers} workers x {resolved.devices_per_worker} devices): gradient "
+            f"accumulation is now {resolved.gradient_accumulation_steps}, the global batch "
+            f"{resolved.global_batch_size} is unchanged; the group restarts from "
+            f"{d.from_where}."
+        )
+    else:
+        reason = Reason.SPEC_CHANGED
+        message = (
+            f"The workers' pod template changed: the group restarts with it from {d.from_where}."
+        )
+    d.status["phase"] = (Phase.SUSPENDED if d.spec.suspend else Phase.RESTARTING).value
+    d.cond(ConditionType.RUNNING, False, reason, message)
+    return d.finish()
+
+
+def steady(d: ValidDraft) -> Plan:
+    """Every object applied (created, drift repaired; suspend follows the spec); Running only
+    when every worker runs."""
+    i, job, resolved, status = d.i, d.i.job, d.resolved, d.status
+    d.plan.apply_objects = True
+    d.plan.apply_job = True
+    d.created()
+    d.no_failure()
+    if job is None or d.spec.suspend:
+        d.waiting(job_exists=job is not None)
+        return d.finish()
     ready = status["workers"]["ready"]
-    done = sum(1 for p in pods if p.phase == "Succeeded" and not p.deleting)
+    done = sum(1 for p in i.pods if p.phase == "Succeeded" and not p.deleting)
     # Workers that finished while the others still run (the Job completes with the last one)
     # keep the group Running: nothing is waiting for them.
-    finishing = done > 0 and ready + done >= resolved.workers and prev_phase is Phase.RUNNING
+    finishing = done > 0 and ready + done >= resolved.workers and d.prev_phase is Phase.RUNNING
     if ready >= resolved.workers or finishing:
         status["phase"] = Phase.RUNNING.value
-        status["startTime"] = prev.get("startTime") or timestamp(now)
-        cond(
+        status["startTime"] = d.prev.get("startTime") or timestamp(i.now)
+        d.cond(
             ConditionType.RUNNING,
             True,
             Reason.ALL_WORKERS_RUNNING,
@@ -446,9 +518,36 @@ def plan(i: Inputs) -> Plan:
             if not finishing
             else f"{done} of {resolved.workers} workers finished; waiting for the rest.",
         )
-        return finish()
-    waiting(job_exists=True)
-    return finish()
+        return d.finish()
+    d.waiting(job_exists=True)
+    return d.finish()
+
+
+# The policies after the final phases, in order: the first that decides makes the plan.
+ACTIVE_POLICIES = (
+    backoff_raised,
+    being_replaced,
+    worker_failure,
+    training_complete,
+    template_changed,
+)
+
+
+def plan(i: Inputs) -> Plan:
+    if i.spec is None or i.resolved is None:
+        return invalid_spec(Draft(i))
+    d = ValidDraft(i, i.spec, i.resolved)
+    spec_valid(d)
+    decided = finished(d)
+    if decided is not None:
+        return decided
+    suspension(d)
+    d.cond(ConditionType.SUCCEEDED, False, Reason.NOT_FINISHED, "Training has not finished.")
+    for policy in ACTIVE_POLICIES:
+        decided = policy(d)
+        if decided is not None:
+            return decided
+    return steady(d)
 
 
 # -- the service layer -----------------------------------------------------------------------

@@ -3,98 +3,16 @@ and what status and Events result. No cluster: the observed Job and pods are val
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from reconcile_helpers import NOW, cond, inputs, job, pod, reasons, spec
 
 from finetune_operator.objects import template_hash
-from finetune_operator.reconcile import Inputs, Plan, plan
-from finetune_operator.resolve import SpecError, parse_spec, resolve
-from finetune_operator.status import WorkerJob, WorkerPod, status_patch
-
-NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
-HASH = "h-current"
-
-
-def spec(**fields: Any) -> dict[str, Any]:
-    return {
-        "model": {"name": "m"},
-        "dataset": {"name": "d"},
-        "workers": 2,
-        "devicesPerWorker": 1,
-        **fields,
-    }
-
-
-def job(
-    uid: str = "job-1",
-    world: int = 2,
-    template: str = HASH,
-    *,
-    suspended: bool = False,
-    complete: bool = False,
-    failed: bool = False,
-    deleting: bool = False,
-) -> WorkerJob:
-    return WorkerJob(
-        uid=uid,
-        world_size=world,
-        config_hash="c",
-        template_hash=template,
-        suspended=suspended,
-        complete=complete,
-        failed=failed,
-        deleting=deleting,
-        completion_time="2026-01-01T11:59:00Z" if complete else None,
-    )
-
-
-def pod(index: int, phase: str = "Running", ready: bool = True, **extra: Any) -> WorkerPod:
-    return WorkerPod(
-        name=f"j-worker-{index}-x", index=index, phase=phase, ready=ready, deleting=False, **extra
-    )
-
-
-def inputs(
-    raw: dict[str, Any] | None = None,
-    status: dict[str, Any] | None = None,
-    worker_job: WorkerJob | None = None,
-    pods: tuple[WorkerPod, ...] = (),
-    *,
-    service: bool = True,
-    now: datetime = NOW,
-    generation: int = 1,
-) -> Inputs:
-    raw = raw if raw is not None else spec()
-    try:
-        parsed = parse_spec(raw)
-        resolved = resolve(parsed)
-        error = None
-    except SpecError as caught:
-        parsed, resolved, error = None, None, caught
-    return Inputs(
-        name="j",
-        generation=generation,
-        status=status or {},
-        spec=parsed,
-        error=error,
-        resolved=resolved,
-        template_hash=HASH if resolved else None,
-        job=worker_job,
-        pods=pods,
-        service_exists=service,
-        now=now,
-        requested_workers=int(raw.get("workers", 1)),
-    )
-
-
-def cond(result: Plan, type_: str) -> dict[str, Any]:
-    return next(c for c in result.status["conditions"] if c["type"] == type_)
-
-
-def reasons(result: Plan) -> list[str]:
-    return [e.reason for e in result.events]
+from finetune_operator.reconcile import plan
+from finetune_operator.status import WorkerPod, status_patch
 
 
 def running_status(**extra: Any) -> dict[str, Any]:
@@ -336,17 +254,7 @@ def test_replaced_group_is_restarting_until_all_run_again() -> None:
 
 def test_a_group_that_does_not_go_is_let_go_after_the_grace() -> None:
     status = {**running_status(), "phase": "Restarting"}
-    going = WorkerJob(
-        uid="old",
-        world_size=2,
-        config_hash="c",
-        template_hash=HASH,
-        suspended=False,
-        complete=False,
-        failed=True,
-        deleting=True,
-        deletion_time="2026-01-01T11:59:00Z",
-    )
+    going = replace(job("old", failed=True, deleting=True), deletion_time="2026-01-01T11:59:00Z")
     waiting = plan(inputs(status=status, worker_job=going))
     assert waiting.orphan_job is None and not waiting.apply_job
     stuck = plan(inputs(status=status, worker_job=going, now=NOW + timedelta(minutes=2)))
