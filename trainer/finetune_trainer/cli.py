@@ -244,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     from finetune_operator.resolve import SpecError
-    from finetune_trainer.config import load_config
     from finetune_trainer.checks import preflight
+    from finetune_trainer.config import load_config
     from finetune_trainer.data import DataError
-    from finetune_trainer.save import SpecChanged, check_resume, clear_run
+    from finetune_trainer.resume import SpecChanged, check_resume, clear_run
 
     try:
         config = load_config(source, output=args.output)
@@ -277,7 +277,7 @@ def _train(config: Any) -> int:
         from finetune_trainer.data import DataError
         from finetune_trainer.device import DeviceError
         from finetune_trainer.model import ModelError
-        from finetune_trainer.save import SpecChanged
+        from finetune_trainer.resume import SpecChanged
         from finetune_trainer.train import TrainingError, run
 
         try:

@@ -33,12 +33,11 @@ from finetune_trainer.data import build_collator, build_datasets
 from finetune_trainer.device import OOM_ADVICE, DeviceInfo, importable, is_oom, select_device
 from finetune_trainer.model import load_tokenizer, lora_config, prepare_model
 from finetune_trainer.progress import ProgressCallback, StatusPatcher
+from finetune_trainer.resume import check_resume, remember_config
 from finetune_trainer.save import (
     CheckpointMarker,
-    check_resume,
     is_complete,
     latest_complete_checkpoint,
-    remember_config,
     remove_incomplete_checkpoints,
     save_final,
 )
