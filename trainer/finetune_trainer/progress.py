@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback as TfProgressCallback
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 
@@ -161,11 +162,16 @@ class ProgressCallback(TrainerCallback):
         self.patcher = patcher
         self._last_time = time.monotonic()
         self._last_tokens = 0
+        self._start: tuple[float, int] = (self._last_time, 0)  # (time, step) of train begin
         self.records: list[dict[str, Any]] = []
+        # In a terminal the progress bar shows the steps (TerminalBar) and the JSON lines go
+        # to the progress file only: printed there too they would be glued onto the bar.
+        self.to_stdout = not sys.stdout.isatty()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_time = time.monotonic()
         self._last_tokens = state.num_input_tokens_seen or 0
+        self._start = (self._last_time, state.global_step)
         if state.is_world_process_zero and state.global_step:
             self._emit({"event": "resumed", "step": state.global_step, "maxSteps": state.max_steps})
 
@@ -190,6 +196,7 @@ class ProgressCallback(TrainerCallback):
             "learningRate": _number(logs.get("learning_rate")),
             "gradNorm": _number(logs.get("grad_norm")),
             "tokensPerSecond": None if "loss" not in logs else _number(rate),
+            "etaSeconds": self._eta(now, state.global_step, state.max_steps),
         }
         if "grad_norm" in logs and record["gradNorm"] is None:
             record["gradNormFinite"] = False
@@ -202,6 +209,13 @@ class ProgressCallback(TrainerCallback):
             progress["summary"] = f"{state.global_step}/{state.max_steps}"
             progress["updatedAt"] = _now()
             self.patcher.report({"progress": progress})
+
+    def _eta(self, now: float, step: int, max_steps: int) -> float | None:
+        """Seconds left at the mean pace of the steps this process has run."""
+        started, first = self._start
+        if step <= first or not max_steps:
+            return None
+        return round((now - started) / (step - first) * max(max_steps - step, 0), 1)
 
     def on_checkpoint_complete(self, step: int, path: Path) -> None:
         self._emit({"event": "checkpoint", "step": step, "path": str(path)})
@@ -217,4 +231,34 @@ class ProgressCallback(TrainerCallback):
         line = json.dumps(record)
         with self.path.open("a") as file:
             file.write(line + "\n")
-        print(line, file=sys.stdout, flush=True)
+        if self.to_stdout:
+            print(line, file=sys.stdout, flush=True)
+
+
+class TerminalBar(TfProgressCallback):
+    """transformers' progress bar with step, loss and tokens/s beside tqdm's ETA, and without
+    its printed dict per log (the JSON lines carry those numbers)."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        super().__init__()
+        self.progress = progress
+        self.shown: dict[str, str] = {}
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        bar = getattr(self, "training_bar", None)
+        if not state.is_world_process_zero or bar is None or not self.progress.records:
+            return
+        last = self.progress.records[-1]
+        for key, name in (("loss", "loss"), ("evalLoss", "eval"), ("tokensPerSecond", "tok/s")):
+            if isinstance(last.get(key), float):  # the newest of each, kept across logs
+                self.shown[name] = f"{last[key]:.4g}"
+        bar.set_postfix(self.shown, refresh=True)
+
+
+def use_terminal_bar(trainer: Any, progress: ProgressCallback) -> None:
+    """Swap transformers' bar (when it shows one: rank 0 in a terminal) for TerminalBar."""
+    if any(isinstance(c, TfProgressCallback) for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(TfProgressCallback)
+        trainer.add_callback(TerminalBar(progress))

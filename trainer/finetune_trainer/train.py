@@ -32,7 +32,7 @@ from finetune_trainer.config import World, check_batch_rule, format_table, recon
 from finetune_trainer.data import build_collator, build_datasets
 from finetune_trainer.device import OOM_ADVICE, DeviceInfo, importable, is_oom, select_device
 from finetune_trainer.model import load_tokenizer, lora_config, prepare_model
-from finetune_trainer.progress import ProgressCallback, StatusPatcher
+from finetune_trainer.progress import ProgressCallback, StatusPatcher, use_terminal_bar
 from finetune_trainer.resume import check_resume, remember_config
 from finetune_trainer.save import (
     CheckpointMarker,
@@ -503,8 +503,11 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     output = Path(config.output_path)
     # Bad input is refused before the model loads and before anything is written to output.
     preflight(config)
-    changed = check_resume(config, output)
-    given = config  # as the user gave it: what the output folder remembers
+    # What the output folder remembers: the spec as given, at the world size really started.
+    given = config
+    if config.world_size != world.world_size:
+        given = config.with_world(world.nodes, world.local_world_size)
+    changed = check_resume(given, output)
     done = is_complete(output)
     if done is not None:
         log.info(
@@ -553,6 +556,7 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
             }
         )
     trainer.remove_callback(PrinterCallback)  # progress prints JSON lines instead
+    use_terminal_bar(trainer, progress)  # in a terminal: one bar, no dict lines
     resume = latest_complete_checkpoint(output)
     if world.is_main:
         for partial in remove_incomplete_checkpoints(output):
