@@ -143,13 +143,17 @@ def audited_requests(cluster: Cluster, username: str) -> list[dict[str, Any]]:
     return events
 
 
-def forbidden_requests(events: list[dict[str, Any]]) -> list[str]:
-    """The requests the API server answered 403 Forbidden, as `verb URI: message` lines."""
+def unauthorized_requests(events: list[dict[str, Any]]) -> list[str]:
+    """The requests the authorizer (RBAC) refused, as `verb URI: message` lines.
+
+    The audit event's `authorization.k8s.io/decision` annotation says what RBAC decided. A 403
+    that RBAC allowed is an admission refusal, such as a write into a namespace being deleted
+    (NamespaceLifecycle), which no rule could have prevented."""
     return [
         f"{event.get('verb')} {event.get('requestURI')}: "
         f"{(event.get('responseStatus') or {}).get('message', '')}"
         for event in events
-        if (event.get("responseStatus") or {}).get("code") == 403
+        if (event.get("annotations") or {}).get("authorization.k8s.io/decision") == "forbid"
     ]
 
 

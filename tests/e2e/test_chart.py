@@ -30,9 +30,9 @@ from local_cluster import (
     REPO_ROOT,
     Cluster,
     audited_requests,
-    forbidden_requests,
     service_account_username,
     token_kubeconfig,
+    unauthorized_requests,
     unique_name,
     wait_for,
 )
@@ -247,10 +247,11 @@ def test_helm_install_then_the_operator_reconciles_with_the_charts_rbac(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        # The API server's audit log: the chart's RBAC sufficed for every request.
+        # The API server's audit log: the chart's RBAC allowed every request. (Watching every
+        # namespace, the operator may be refused a write into one being deleted: not RBAC.)
         requests = audited_requests(cluster, service_account_username(release_ns, account))
         assert requests, "the audit log holds no request of the operator"
-        assert forbidden_requests(requests) == [], log.read_text(errors="replace")[-4000:]
+        assert unauthorized_requests(requests) == [], log.read_text(errors="replace")[-4000:]
     finally:
         helm(cluster, "uninstall", release, "--namespace", release_ns, check=False)
     # Kept on uninstall: deleting the CRD would delete every FinetuneJob.
