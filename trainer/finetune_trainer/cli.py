@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -67,9 +68,15 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """After the first stop signal: the launcher's forwarded SIGTERM, a second Ctrl-C.
+    (A Python no-op, not SIG_IGN: a signal already pending when the handler becomes SIG_IGN
+    raises OSError in CPython.)"""
+
+
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt cleanup
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
     raise Stopped(signum)
 
 
@@ -272,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(config: Any) -> int:
     """This process's part of the run, every failure turned into one line and an exit code."""
     previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Known warnings nobody running the trainer can act on (raised inside transformers/peft).
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
     try:
         from finetune_operator.resolve import SpecError
         from finetune_trainer.data import DataError
