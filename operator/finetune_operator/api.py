@@ -69,6 +69,7 @@ class TrainingDefaults:
     learning_rate: float
     optimizer: Optimizer
     max_steps: int | None
+    gradient_checkpointing: bool
 
 
 SFT_DEFAULTS = TrainingDefaults(
@@ -77,6 +78,7 @@ SFT_DEFAULTS = TrainingDefaults(
     learning_rate=3e-5,
     optimizer="adamw_torch",
     max_steps=None,
+    gradient_checkpointing=False,
 )
 # IPEX-LLM's `dpo_finetuning.py` asks for "adamw_hf", which transformers removed; adamw_torch
 # is the same algorithm.
@@ -86,6 +88,9 @@ DPO_DEFAULTS = TrainingDefaults(
     learning_rate=5e-5,
     optimizer="adamw_torch",
     max_steps=200,
+    # TRL's DPOConfig checkpoints by default: a DPO micro-batch is chosen + rejected sequences
+    # of up to maxLength tokens, and without it the activations double the peak memory.
+    gradient_checkpointing=True,
 )
 
 DEFAULT_DEVICE_RESOURCE = {
@@ -246,10 +251,12 @@ class TrainingSpec(_Spec):
     )
     logging_steps: int = Field(default=1, ge=1, description="Log every N steps. Default: 1.")
     seed: int = Field(default=42, ge=0, description="Random seed. Default: 42.")
-    gradient_checkpointing: bool = Field(
-        default=False,
+    gradient_checkpointing: bool | None = Field(
+        default=None,
         description="Recompute activations in the backward pass to save memory at ~30% more "
-        "compute. Default: false.",
+        f"compute. Default: {str(SFT_DEFAULTS.gradient_checkpointing).lower()} "
+        f"(dpo: {str(DPO_DEFAULTS.gradient_checkpointing).lower()}, as TRL's DPOConfig; on "
+        "one CUDA GPU it runs inside the CUDA graphs of the decoder stack).",
     )
     padding_free: bool = Field(
         default=True,

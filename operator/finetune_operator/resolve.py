@@ -269,7 +269,9 @@ def resolve(
         save_total_limit=training.save_total_limit,
         logging_steps=training.logging_steps,
         seed=training.seed,
-        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing=defaults.gradient_checkpointing
+        if training.gradient_checkpointing is None
+        else training.gradient_checkpointing,
         padding_free=training.padding_free,
         fused_kernels=training.fused_kernels,
         deepspeed_zero_stage=training.deepspeed_zero_stage,
