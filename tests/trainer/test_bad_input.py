@@ -172,6 +172,58 @@ def test_resolved_json_with_dpo_lengths_reversed(tmp_path: Path) -> None:
     assert_one_line(result, "dpo.maxPromptLength")
 
 
+def test_validation_size_not_below_the_row_count(tmp_path: Path) -> None:
+    data = jsonl(tmp_path / "rows.jsonl", ROWS[:8])
+    spec = {"dataset.name": str(data), "dataset.validationSize": 8}
+    assert_one_line(
+        train(small(tmp_path, **spec), tmp_path / "o", 1, check=False), "validationSize"
+    )
+
+
+def test_job_file_that_is_not_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "job.yaml"
+    bad.write_text("spec:\n  method: lora\n   model: x\n")
+    assert_one_line(train(bad, tmp_path / "o", 2, check=False), str(bad), "line 3")
+
+
+def test_resolved_config_that_is_not_json(tmp_path: Path) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text('{"method": "lora",\n')
+    assert_one_line(train(bad, tmp_path / "o", 1, check=False), str(bad), "JSON")
+
+
+def test_unknown_spec_field(tmp_path: Path) -> None:
+    result = train(small(tmp_path, **{"training.learningRat": 0.1}), tmp_path / "o", 2, check=False)
+    assert_one_line(result, "learningRat")
+
+
+@pytest.mark.parametrize(
+    "field, name", [("dataset.name", "nobody/no-such-data"), ("model.name", "nobody/no-such-model")]
+)
+def test_hub_name_that_cannot_be_fetched(tmp_path: Path, field: str, name: str) -> None:
+    """Offline (as the tests run) a hub id that is not cached: one line, exit 1 (the network,
+    not the spec, may be at fault), nothing written."""
+    output = tmp_path / "out"
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = train(small(tmp_path, **{field: name}), output, 2, env=env, check=False)
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith(ERROR)]
+    assert result.returncode == 1 and len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert name in errors[0] and "Traceback" not in result.stderr
+    assert not output.exists()
+
+
+def test_device_that_is_not_there(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    output = tmp_path / "out"
+    result = train(small(tmp_path, device="cuda"), output, 2, check=False)
+    assert_refused(result, "cuda")
+    assert not output.exists()
+
+
 def test_nproc_below_one(tmp_path: Path) -> None:
     assert_one_line(train(small(tmp_path), tmp_path / "o", 0, check=False), "--nproc")
 
@@ -189,7 +241,6 @@ def test_every_label_masked_is_an_error_not_a_success(tmp_path: Path) -> None:
     assert not output.exists()
 
 
-@pytest.mark.slow
 def test_fewer_rows_than_one_global_batch(tmp_path: Path) -> None:
     data = jsonl(tmp_path / "rows.jsonl", ROWS[:12])  # 12 - 8 validation = 4 < 8
     output = tmp_path / "out"

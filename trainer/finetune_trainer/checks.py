@@ -15,7 +15,7 @@ from typing import Any
 
 from finetune_operator.api import DatasetFormat, Method
 from finetune_operator.resolve import ResolvedConfig
-from finetune_trainer.data import REQUIRED_FIELDS, DataError, data_files
+from finetune_trainer.data import REQUIRED_FIELDS, DataError, data_files, too_few, training_rows
 from finetune_trainer.tiny import BUNDLED_PREFIX, resolve_bundled
 
 # alpaca's `input` may be absent, empty or null; every other field must be a string.
@@ -178,4 +178,7 @@ def preflight(config: ResolvedConfig) -> None:
     check_dpo_lengths(config)
     check_output(config)
     check_model(config)
-    check_local_data(config)
+    count = check_local_data(config)
+    if count is not None:  # a local data set: enough rows for one global batch?
+        train_rows = training_rows(count, config.validation_size)
+        too_few(config, train_rows, 0, "rows" if config.method is not Method.DPO else "pairs")

@@ -285,7 +285,7 @@ def _train(config: Any) -> int:
     )
     try:
         from finetune_operator.resolve import SpecError
-        from finetune_trainer.data import DataError
+        from finetune_trainer.data import DataError, SourceUnreachable
         from finetune_trainer.device import DeviceError
         from finetune_trainer.model import ModelError
         from finetune_trainer.resume import SpecChanged
@@ -299,6 +299,8 @@ def _train(config: Any) -> int:
             return _fail(_one_line(error), BAD_INPUT)
         except TrainingError as error:
             return _fail(_one_line(error), OOM if "out of device memory" in str(error) else FAILED)
+        except SourceUnreachable as error:
+            return _fail(_one_line(error), FAILED)
     except (Stopped, KeyboardInterrupt) as stop:
         signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
         return _fail(_stop_line(signum, config.output_path), 128 + signum)

@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
+
 from finetune_operator.resolve import (
     ResolvedConfig,
     SpecError,
@@ -62,10 +65,25 @@ def load_config(path: str | Path, output: str | None = None) -> ResolvedConfig:
     """
     text = Path(path).read_text()
     stripped = text.lstrip()
-    if stripped.startswith("{"):
-        config = ResolvedConfig.model_validate(json.loads(text))
-    else:
-        config = resolve_manifest(load_manifest(text))
+    try:
+        if stripped.startswith("{"):
+            config = ResolvedConfig.model_validate(json.loads(text))
+        else:
+            config = resolve_manifest(load_manifest(text))
+    except json.JSONDecodeError as error:
+        raise SpecError(
+            f"{path}: line {error.lineno} column {error.colno} is not valid JSON ({error.msg})"
+        ) from None
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
+        )
+        raise SpecError(f"{path}: not a resolved config: {problems}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise SpecError(f"{path}:{where}: {problem}: fix the YAML (indentation?)") from None
     if output is not None:
         config = config.model_copy(update={"output_path": str(Path(output).resolve())})
     return config

@@ -9,6 +9,7 @@ dpo.maxPromptLength (TRL dropped that option).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,10 @@ class DataError(ValueError):
     """Bad or missing data. The message names the field and the file."""
 
 
+class SourceUnreachable(RuntimeError):
+    """The hub is not reachable and the model/data set is not cached: not the spec's fault."""
+
+
 def data_files(name: str) -> list[str] | None:
     """The local JSON/JSONL files a dataset name means; None for a hub id."""
     path = Path(name).expanduser()
@@ -73,7 +78,20 @@ def load_rows(name: str, revision: str | None = None) -> Any:
     name = resolve_bundled(name)
     files = data_files(name)
     if files is None:
-        return datasets.load_dataset(name, revision=revision, split="train")
+        try:
+            return datasets.load_dataset(name, revision=revision, split="train")
+        except datasets.exceptions.DatasetNotFoundError as error:
+            raise DataError(
+                f"dataset {name}: no such data set on the hub, or it is gated ({error}): fix "
+                "dataset.name (a hub id, or a local .json/.jsonl file or folder starting with / "
+                "or ./)"
+            ) from None
+        except ConnectionError as error:
+            raise SourceUnreachable(
+                f"dataset {name}: the hub cannot be reached from here and the data set is not "
+                f"in the local cache ({error}); check the network (or HF_DATASETS_OFFLINE), or "
+                "give a local file"
+            ) from None
     return datasets.load_dataset("json", data_files=files, split="train")
 
 
@@ -131,6 +149,19 @@ def truncate_prompt(
     return apply
 
 
+def training_rows(count: int, validation_size: int | float) -> int:
+    """Rows left to train on once validationSize rows are held out (as train_test_split)."""
+    if isinstance(validation_size, int) and validation_size >= count:
+        raise DataError(
+            f"dataset.validationSize {validation_size} is not smaller than the data set "
+            f"({count} rows): lower it, use a fraction, or 0 to turn evaluation off"
+        )
+    held = (
+        validation_size if isinstance(validation_size, int) else math.ceil(validation_size * count)
+    )
+    return count - held
+
+
 def split(rows: Any, validation_size: int | float, seed: int) -> tuple[Any, Any | None]:
     """Train and validation sets; validationSize is a row count, a fraction, or 0 for none.
 
@@ -139,11 +170,7 @@ def split(rows: Any, validation_size: int | float, seed: int) -> tuple[Any, Any 
     """
     if not validation_size:
         return rows, None
-    if isinstance(validation_size, int) and validation_size >= len(rows):
-        raise DataError(
-            f"dataset.validationSize {validation_size} is not smaller than the data set "
-            f"({len(rows)} rows): lower it, use a fraction, or 0 to turn evaluation off"
-        )
+    training_rows(len(rows), validation_size)
     parts = rows.train_test_split(test_size=validation_size, shuffle=True, seed=seed)
     return parts["train"], parts["test"]
 
@@ -162,7 +189,7 @@ def check_rows(rows: Any, data_format: DatasetFormat, source: str) -> None:
         check_row(row, data_format, f"dataset {source}: row {number}")
 
 
-def _too_few(config: ResolvedConfig, kept: int, dropped: int, unit: str) -> None:
+def too_few(config: ResolvedConfig, kept: int, dropped: int, unit: str) -> None:
     """Fewer training examples than one global batch: not one full step of data."""
     if kept >= config.global_batch_size:
         return
@@ -222,7 +249,7 @@ def _alpaca_datasets(
             cut,
             how,
         )
-    _too_few(config, len(kept_train), dropped, "rows")
+    too_few(config, len(kept_train), dropped, "rows")
     return kept_train.remove_columns(["_labelled", "_cut"]), evaluation
 
 
@@ -284,7 +311,7 @@ def _dpo_datasets(
             cut,
             how,
         )
-    _too_few(config, len(train), dropped, "pairs")
+    too_few(config, len(train), dropped, "pairs")
     return train, evaluation
 
 

@@ -14,6 +14,7 @@ import torch
 
 from finetune_operator.api import Method
 from finetune_operator.resolve import ResolvedConfig
+from finetune_trainer.data import SourceUnreachable
 from finetune_trainer.device import DeviceInfo, ipex_llm_available
 from finetune_trainer.tiny import resolve_bundled
 
@@ -66,6 +67,12 @@ def load_tokenizer(config: ResolvedConfig) -> Any:
             resolve_bundled(config.model_name), **_hub_kwargs(config)
         )
     except (OSError, ValueError) as error:
+        if "couldn't connect" in str(error).lower():
+            raise SourceUnreachable(
+                f"model.name {config.model_name}: the hub cannot be reached from here and the "
+                "model is not in the local cache; check the network (or HF_HUB_OFFLINE), or "
+                "give a local model folder"
+            ) from None
         if not _is_not_found(error):
             raise
         raise ModelError(
