@@ -729,7 +729,10 @@ class Reconciler:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
         generation = int(metadata.get("generation") or 0)
-        old = list((body.get("status") or {}).get("conditions") or [])
+        # The conditions as this pass just wrote them (the store holds its own writes), not
+        # as the pass found them: the merge patch replaces the whole list.
+        latest = self.store.get(API_VERSION, KIND, namespace, name) or body
+        old = list((latest.get("status") or {}).get("conditions") or [])
         message = (
             f"The API server rejected an object this spec needs: {error}. Fix the spec field it "
             "names (kubectl edit ftj); nothing else was changed."

@@ -287,3 +287,35 @@ def test_render_prints_exactly_what_the_operator_applies(api: FakeApiKube, case:
     assert applied == rendered
     created = {key for key in api.objects if key[0] != "finetunejobs"}
     assert len(created) == len(rendered), created
+
+
+@dataclass
+class RejectingJobsKube(FakeApiKube):
+    """The API server refuses the worker Job, as it does a priorityClassName that is no name."""
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Obj | None:
+        if method == "POST" and path.endswith("/jobs"):
+            raise KubeError(422, 'Job.batch "tiny-worker" is invalid: priorityClassName')
+        return super().request(method, path, **kwargs)
+
+
+def test_a_rejected_child_is_reported_once_with_every_other_condition_kept() -> None:
+    api = RejectingJobsKube()
+    api.add(finetunejob())
+    store = Store()
+    fill(store, api, ["ns"])
+    reconciler = Reconciler(kube=api, settings=OperatorSettings(), store=store)
+    api.requests.clear()
+    reconciler.reconcile_named("ns", "tiny")
+    assert api.requests["PATCH finetunejobs/status"] == 2  # the pass's status, then the refusal
+    conditions = {
+        c["type"]: c["reason"]
+        for c in api.objects[("finetunejobs", "ns", "tiny")]["status"]["conditions"]
+    }
+    assert conditions["Created"] == "ObjectRejected"
+    assert {"Valid", "Running", "Failed", "Succeeded", "Suspended"} <= set(conditions)
+
+    # The next pass finds nothing to write: the refusal stands until the spec changes.
+    api.requests.clear()
+    reconciler.reconcile_named("ns", "tiny")
+    assert "PATCH finetunejobs/status" not in api.requests, api.requests
