@@ -90,6 +90,13 @@ def test_dpo_row_missing_a_field(tmp_path: Path) -> None:
     assert_one_line(result, "row 5", "'rejected'")
 
 
+def test_json_file_with_one_object_instead_of_rows(tmp_path: Path) -> None:
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps({"data": ROWS[:20]}, indent=1))
+    result = train(small(tmp_path, **{"dataset.name": str(data)}), tmp_path / "o", 1, check=False)
+    assert_one_line(result, str(data), "list")
+
+
 @pytest.mark.parametrize("content", ["", "\n\n"])
 def test_empty_dataset_file(tmp_path: Path, content: str) -> None:
     data = tmp_path / "rows.jsonl"

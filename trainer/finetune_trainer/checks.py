@@ -88,6 +88,16 @@ def _rows_of(path: Path) -> Iterator[tuple[int, int, Any]]:
     """(row number from 1, line number from 1, row) of a .json or .jsonl file."""
     text = path.read_text(encoding="utf-8", errors="strict")
     stripped = text.lstrip()
+    if path.suffix == ".json" and stripped.startswith("{") and "\n" in stripped.rstrip():
+        try:  # one object over several lines: not rows (JSON lines fall through below)
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            raise InputError(
+                f"dataset {path} holds one JSON object, not rows: give a list of row objects "
+                "([{...}, {...}]) or one row object per line"
+            )
     if path.suffix == ".json" and stripped.startswith("["):
         try:
             rows = json.loads(text)

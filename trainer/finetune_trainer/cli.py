@@ -283,6 +283,12 @@ def _train(config: Any) -> int:
     warnings.filterwarnings(
         "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
     )
+    if os.environ.get("RANK", "0") != "0" or not sys.stderr.isatty():
+        # "Loading weights" bars, one per rank, are noise in a log (the training bar is rank
+        # 0's in a terminal, and does not go through transformers' logging)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         from finetune_operator.resolve import SpecError
         from finetune_trainer.data import DataError, SourceUnreachable

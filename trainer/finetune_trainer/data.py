@@ -92,7 +92,15 @@ def load_rows(name: str, revision: str | None = None) -> Any:
                 f"in the local cache ({error}); check the network (or HF_DATASETS_OFFLINE), or "
                 "give a local file"
             ) from None
-    return datasets.load_dataset("json", data_files=files, split="train")
+    try:
+        return datasets.load_dataset("json", data_files=files, split="train")
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        text = " ".join(str(cause).split())[:300]
+        raise DataError(
+            f"dataset {name} could not be read as a table ({type(cause).__name__}: {text}): "
+            "give every field the same type in every row (text, or null where allowed)"
+        ) from None
 
 
 def check_fields(rows: Any, data_format: DatasetFormat, source: str) -> None:
