@@ -694,16 +694,11 @@ class Reconciler:
                 else 1,
             )
         )
-        self._act(body, decided, desired, live_job, names)
+        self._act(body, decided, desired, live_job)
         return decided.requeue_after
 
     def _act(
-        self,
-        body: Obj,
-        decided: Plan,
-        desired: DesiredObjects | None,
-        live_job: Obj | None,
-        names: Names,
+        self, body: Obj, decided: Plan, desired: DesiredObjects | None, live_job: Obj | None
     ) -> None:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
@@ -716,7 +711,7 @@ class Reconciler:
         for event in decided.events:
             self.kube.event(body, event.type, event.reason, event.message, self.identity)
         try:
-            self._apply(body, decided, desired, live_job, names)
+            self._apply(namespace, name, decided, desired, live_job)
         except KubeError as error:
             if error.status not in (400, 422):
                 raise
@@ -754,16 +749,22 @@ class Reconciler:
         self.kube.event(body, "Warning", Reason.OBJECT_REJECTED.value, message, self.identity)
         log.warning("%s/%s %s", namespace, name, message)
 
+    def _delete_job(self, namespace: str, name: str, uid: str, propagation: str) -> None:
+        """DELETE the worker Job with this uid (a newer one by that name is left alone)."""
+        answer = self.kube.delete(
+            "batch/v1", "Job", namespace, name, uid=uid, propagation=propagation
+        )
+        self._deleted("batch/v1", "Job", namespace, name, answer)
+
     def _apply(
         self,
-        body: Obj,
+        namespace: str,
+        name: str,
         decided: Plan,
         desired: DesiredObjects | None,
         live_job: Obj | None,
-        names: Names,
     ) -> None:
-        metadata = body["metadata"]
-        namespace, name = metadata["namespace"], metadata["name"]
+        names = Names(name)
         if decided.apply_objects and desired is not None:
             for obj in desired.children:
                 live = self.store.get(
@@ -778,15 +779,7 @@ class Reconciler:
         if decided.delete_job:
             # Foreground: the Job goes only after its pods, so the next group never meets
             # the old one at the rendezvous.
-            answer = self.kube.delete(
-                "batch/v1",
-                "Job",
-                namespace,
-                names.workers,
-                uid=decided.delete_job,
-                propagation="Foreground",
-            )
-            self._deleted("batch/v1", "Job", namespace, names.workers, answer)
+            self._delete_job(namespace, names.workers, decided.delete_job, "Foreground")
             failure = decided.status.get("lastFailure") or {}
             log.info(
                 "%s/%s replacing the worker group (Job uid %s): %s",
@@ -798,15 +791,7 @@ class Reconciler:
         elif decided.orphan_job:
             # Same DELETE, orphan propagation: the Job goes now, its stuck pods stay behind
             # (owned by nothing, not counted: the pods the operator reads are the new Job's).
-            answer = self.kube.delete(
-                "batch/v1",
-                "Job",
-                namespace,
-                names.workers,
-                uid=decided.orphan_job,
-                propagation="Orphan",
-            )
-            self._deleted("batch/v1", "Job", namespace, names.workers, answer)
+            self._delete_job(namespace, names.workers, decided.orphan_job, "Orphan")
             log.warning(
                 "%s/%s the old worker group did not go within %ss: its Job is let go, its pods "
                 "orphaned",

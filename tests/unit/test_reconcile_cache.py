@@ -122,6 +122,22 @@ def finetunejob(name: str = "tiny") -> Obj:
     }
 
 
+def worker_pod(index: int, job_uid: str, resource_version: int) -> Obj:
+    """Worker pod `index` of the `tiny` FinetuneJob's Job, Running."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"tiny-worker-{index}-x",
+            "namespace": "ns",
+            "resourceVersion": str(resource_version),
+            "labels": {"finetune.dev/job-name": "tiny"},
+            "ownerReferences": [{"uid": job_uid}],
+        },
+        "status": {"phase": "Running"},
+    }
+
+
 @pytest.fixture
 def api() -> FakeApiKube:
     return FakeApiKube()
@@ -165,23 +181,11 @@ def test_a_reconcile_sends_no_get_and_a_steady_job_nothing(api: FakeApiKube) -> 
     job = store.get("batch/v1", "Job", "ns", "tiny-worker")
     assert job is not None
     for index in range(2):
-        store.observe(
-            "ADDED",
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": f"tiny-worker-{index}-x",
-                    "namespace": "ns",
-                    "resourceVersion": str(1000 + index),
-                    "labels": {"finetune.dev/job-name": "tiny"},
-                    "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
-                    "ownerReferences": [{"uid": job["metadata"]["uid"]}],
-                },
-                "spec": {"nodeName": "n"},
-                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
-            },
-        )
+        pod = worker_pod(index, job["metadata"]["uid"], 1000 + index)
+        pod["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+        pod["spec"] = {"nodeName": "n"}
+        pod["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        store.observe("ADDED", pod)
     api.requests.clear()
     assert reconciler.reconcile_named("ns", "tiny") == 0.0
     assert set(api.requests) <= {"PATCH finetunejobs/status", "POST events"}, api.requests
@@ -241,23 +245,10 @@ def test_pods_stopped_by_a_hand_made_suspend_are_no_failure(api: FakeApiKube) ->
     store.observe("MODIFIED", suspended)
     stopping = datetime.now(timezone.utc) + timedelta(seconds=30)
     for index in range(2):
-        store.observe(
-            "MODIFIED",
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": f"tiny-worker-{index}-x",
-                    "namespace": "ns",
-                    "resourceVersion": str(2000 + index),
-                    "labels": {"finetune.dev/job-name": "tiny"},
-                    "ownerReferences": [{"uid": job["metadata"]["uid"]}],
-                    "deletionTimestamp": stopping.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "deletionGracePeriodSeconds": 30,
-                },
-                "status": {"phase": "Running"},
-            },
-        )
+        pod = worker_pod(index, job["metadata"]["uid"], 2000 + index)
+        pod["metadata"]["deletionTimestamp"] = stopping.strftime("%Y-%m-%dT%H:%M:%SZ")
+        pod["metadata"]["deletionGracePeriodSeconds"] = 30
+        store.observe("MODIFIED", pod)
     api.requests.clear()
     settle(reconciler)
     assert api.requests["PATCH jobs"] == 1  # resumed
