@@ -130,6 +130,19 @@ def test_model_folder_without_a_model(tmp_path: Path) -> None:
     assert_one_line(result, "config.json")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["config.json", "tokenizer.json"])
+def test_model_folder_that_cannot_be_loaded(tmp_path: Path, broken: str) -> None:
+    from finetune_trainer.tiny import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "model")
+    (folder / broken).write_text("{not json")
+    output = tmp_path / "out"
+    result = train(small(tmp_path, **{"model.name": str(folder)}), output, 2, check=False)
+    assert_refused(result, str(folder), "model.name")
+    assert not output.exists()
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_output_under_a_file(tmp_path: Path, nproc: int) -> None:
     blocker = tmp_path / "a-file"

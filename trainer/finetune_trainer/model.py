@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,13 @@ def load_tokenizer(config: ResolvedConfig) -> Any:
             resolve_bundled(config.model_name), **_hub_kwargs(config)
         )
     except (OSError, ValueError) as error:
+        local = Path(resolve_bundled(config.model_name)).expanduser()
+        if local.is_dir():  # a folder that is there but holds no loadable tokenizer/config
+            raise ModelError(
+                f"model.name {config.model_name}: the folder could not be loaded "
+                f"({type(error).__name__}: {_first_line(error)}): give the folder "
+                "save_pretrained wrote for the model and its tokenizer"
+            ) from None
         if "couldn't connect" in str(error).lower():
             raise SourceUnreachable(
                 f"model.name {config.model_name}: the hub cannot be reached from here and the "
