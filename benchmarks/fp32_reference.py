@@ -76,24 +76,45 @@ def make_model(directory: Path, hidden: int, layers: int, intermediate: int, hea
     return directory
 
 
-def make_data(path: Path, rows: int, seed: int = 0) -> Path:
-    """alpaca rows: the shared template, an instruction and a response of vocabulary words."""
+def make_data(path: Path, rows: int, dpo: bool = False, seed: int = 0) -> Path:
+    """alpaca rows (the shared template, an instruction and a response of vocabulary words),
+    or preference rows (a prompt and two responses)."""
     from finetune_trainer.tiny import _vocabulary
 
     words = [w for w in _vocabulary() if w.isalpha()]
     rng = random.Random(seed)
-    data = []
+
+    def text(low: int, high: int) -> str:
+        return " ".join(rng.choices(words, k=rng.randint(low, high)))
+
+    data: list[dict[str, str]] = []
     for _ in range(rows):
-        instruction = " ".join(rng.choices(words, k=rng.randint(5, 25)))
-        output = " ".join(rng.choices(words, k=rng.randint(10, 80)))
-        data.append({"instruction": instruction, "input": "", "output": output})
+        if dpo:
+            data.append(
+                {"prompt": text(60, 220), "chosen": text(40, 200), "rejected": text(40, 200)}
+            )
+        else:
+            # about as long as the throughput benchmark's rows: lognormal lengths, median 140
+            # tokens, clipped to 40..256 (the template is ~35 tokens, one word one token)
+            length = min(max(int(rng.lognormvariate(math.log(140), 0.5)), 40), 256)
+            instruction = rng.randint(5, 25)
+            output = max(length - 35 - instruction, 5)
+            data.append(
+                {
+                    "instruction": text(instruction, instruction),
+                    "input": "",
+                    "output": text(output, output),
+                }
+            )
     path.write_text(json.dumps(data))
     return path
 
 
-def job(path: Path, model: Path, data: Path, device: str, steps: int, **overrides: Any) -> Path:
+def job(
+    path: Path, model: Path, data: Path, device: str, steps: int, method: str, **overrides: Any
+) -> Path:
     spec: dict[str, Any] = {
-        "method": "lora",
+        "method": method,
         "model": {"name": str(model)},
         "dataset": {"name": str(data), "validationSize": 0},
         "device": device,
@@ -135,6 +156,7 @@ def train(job_file: Path, output: Path, timeout: float) -> dict[str, Any]:
         "loss": [r["loss"] for r in steps],
         "gradNorm": [r.get("gradNorm") for r in steps],
         "tokensPerSecond": [r.get("tokensPerSecond") for r in steps],
+        "peakMemoryBytes": max((r.get("peakMemoryBytes") or 0 for r in steps), default=0),
         "stderr": result.stderr[-4000:] if result.returncode else "",
     }
 
@@ -160,7 +182,9 @@ def verdict(runs: dict[str, dict[str, Any]], slack: float) -> dict[str, bool]:
         ok = all(a <= b + slack * drop for a, b in zip(d["loss"], plain_d["loss"], strict=False))
         ok &= all(
             a <= b + slack * g
-            for a, b, g in zip(d["gradNorm"], plain_d["gradNorm"], reference["gradNorm"], strict=False)
+            for a, b, g in zip(
+                d["gradNorm"], plain_d["gradNorm"], reference["gradNorm"], strict=False
+            )
         )
         out[name] = ok and len(run["loss"]) == len(reference["loss"])
     return out
@@ -175,6 +199,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="hidden 64, 2 layers (CPU check)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--method", default="lora", choices=["lora", "qlora", "dpo"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--paths", default="reference,plain,default")
@@ -192,17 +217,32 @@ def main() -> int:
         args.intermediate,
         args.heads,
     )
-    data = make_data(work / "data.json", args.rows)
+    data = make_data(work / f"data-{args.method}.json", args.rows, dpo=args.method == "dpo")
     runs: dict[str, dict[str, Any]] = {}
     for name in args.paths.split(","):
-        output = work / f"run-{name}"
+        output = work / f"run-{args.method}-{name}"
         subprocess.run(["rm", "-rf", str(output)], check=True)
-        spec = job(work / f"{name}.yaml", model, data, args.device, args.steps, **PATHS[name])
+        spec = job(
+            work / f"{args.method}-{name}.yaml",
+            model,
+            data,
+            args.device,
+            args.steps,
+            args.method,
+            **PATHS[name],
+        )
         runs[name] = train(spec, output, args.timeout)
-        print(f"RESULT {name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'stderr'})}", flush=True)
+        print(
+            f"RESULT {name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'stderr'})}",
+            flush=True,
+        )
         if runs[name]["exit"]:
             print(runs[name]["stderr"], file=sys.stderr)
-    summary = {"shape": [args.hidden, args.layers], "runs": runs}
+    summary: dict[str, Any] = {
+        "method": args.method,
+        "shape": [args.hidden, args.layers],
+        "runs": runs,
+    }
     if "reference" in runs and "plain" in runs:
         summary["distance"] = {n: distances(r, runs["reference"]) for n, r in runs.items()}
         summary["within"] = verdict(runs, args.slack)

@@ -231,6 +231,22 @@ def trim_repeated_host_work(trainer: Any) -> Any:
     return trainer
 
 
+def preference_tokens(max_length: int | None) -> Callable[[dict[str, Any]], int]:
+    """Non-padding tokens of one tokenized preference pair (TRL's prompt_ids, chosen_ids,
+    rejected_ids): prompt + chosen and prompt + rejected, each cut at max_length as the
+    collators cut them."""
+
+    def count(feature: dict[str, Any]) -> int:
+        prompt = len(feature["prompt_ids"])
+        total = 0
+        for key in ("chosen_ids", "rejected_ids"):
+            length = prompt + len(feature[key])
+            total += min(length, max_length) if max_length else length
+        return total
+
+    return count
+
+
 class HostTokenCounter:
     """Counts non-padding input tokens on the host, at collation: no device sync.
 
@@ -244,12 +260,17 @@ class HostTokenCounter:
     ahead.
     """
 
-    def __init__(self, collator: Callable[[Sequence[dict[str, Any]]], Any]) -> None:
+    def __init__(
+        self,
+        collator: Callable[[Sequence[dict[str, Any]]], Any],
+        count: Callable[[dict[str, Any]], int] | None = None,
+    ) -> None:
         self.collator = collator
+        self.count = count or (lambda feature: len(feature["input_ids"]))
         self.tokens = 0
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> Any:
-        self.tokens += sum(len(f["input_ids"]) for f in features)
+        self.tokens += sum(self.count(f) for f in features)
         return self.collator(features)
 
     def callback(self, world_size: int = 1) -> Any:
@@ -258,8 +279,16 @@ class HostTokenCounter:
         counter = self
 
         class _Tokens(TrainerCallback):
+            # Evaluation collates with the same collator, after a step ends and before the
+            # next training batch is fetched: what it counted is taken back when it ends.
+            at_step_end = 0
+
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 state.num_input_tokens_seen = counter.tokens * world_size
+                self.at_step_end = counter.tokens
+
+            def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                counter.tokens = self.at_step_end
 
         return _Tokens()
 

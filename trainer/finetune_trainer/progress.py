@@ -154,6 +154,18 @@ class StatusPatcher:
         self._flush()
 
 
+def _peak_device_memory() -> int | None:
+    """The most this rank's CUDA/XPU device has held in tensors so far (torch's allocator
+    counter, as max_memory_allocated); None on the CPU."""
+    import torch
+
+    for kind in ("cuda", "xpu"):
+        accel = getattr(torch, kind, None)
+        if accel is not None and accel.is_available() and accel.is_initialized():
+            return int(accel.max_memory_allocated())
+    return None
+
+
 class ProgressCallback(TrainerCallback):
     """Rank 0's reporter: one JSON line per log event, checkpoint notices to the status."""
 
@@ -196,7 +208,10 @@ class ProgressCallback(TrainerCallback):
             "learningRate": _number(logs.get("learning_rate")),
             "gradNorm": _number(logs.get("grad_norm")),
             "tokensPerSecond": None if "loss" not in logs else _number(rate),
+            # non-padding input tokens so far, all ranks (perf.HostTokenCounter)
+            "tokens": tokens or None,
             "etaSeconds": self._eta(now, state.global_step, state.max_steps),
+            "peakMemoryBytes": _peak_device_memory(),
         }
         if "grad_norm" in logs and record["gradNorm"] is None:
             record["gradNormFinite"] = False

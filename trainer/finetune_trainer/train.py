@@ -313,7 +313,9 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         _CHECKPOINTING: config.gradient_checkpointing,
         f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": False,
-        "include_num_input_tokens_seen": "non_padding",
+        # counted on the host as batches are collated (perf.HostTokenCounter): the Trainer's own
+        # count syncs the device every micro-batch and does not know DPO's batches
+        "include_num_input_tokens_seen": "no",
         "average_tokens_across_devices": True,
         "report_to": "none",
         "disable_tqdm": not (world.is_main and sys.stderr.isatty()),
@@ -365,11 +367,9 @@ def training_collator(
 ) -> tuple[Any, Any]:
     """(the collator the Trainer gets, the one it wraps): the second is what the probe uses."""
     collator: Any = build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free)
-    if device.kind != "cuda":
-        return collator, collator
-    # issue 7: packed rows with a 4D block mask (no per-forward sync), tokens counted on the
-    # host. With auto, rows of up to AUTO_ROW_TOKENS (as measured), else one row.
-    if config.padding_free:
+    # On CUDA, packed rows with a 4D block mask (no per-forward sync). With auto, rows of up
+    # to AUTO_ROW_TOKENS (as measured), else one row. Tokens are counted on the host.
+    if device.kind == "cuda" and config.padding_free:
         collator = perf.PackingCollator(
             pad_token_id=tokenizer.pad_token_id,
             # under CUDA graphs a few widths (a graph set each), else a few compiled shapes
@@ -398,7 +398,7 @@ def build_trainer(
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
     if config.method is Method.DPO:
-        from trl.trainer.dpo_trainer import DPOTrainer
+        from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
         from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
 
@@ -423,6 +423,19 @@ def build_trainer(
         # LoRA adapter on the (optionally 4-bit) base; the reference is the base with the
         # adapter switched off, so no second model is held in memory.
         base = prepare_model(as_built, device)
+        pairs: Any = (
+            PackedPreferenceCollator.for_training(
+                tokenizer.pad_token_id, config.dpo.max_length, options.cuda_graphs
+            )
+            if packed
+            else DataCollatorForPreference(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        )
+        counter = perf.HostTokenCounter(pairs, perf.preference_tokens(config.dpo.max_length))
         trainer: Any = (PackedDPOTrainer if packed else DPOTrainer)(
             model=base,
             args=args,
@@ -430,17 +443,13 @@ def build_trainer(
             eval_dataset=eval_data,
             processing_class=tokenizer,
             peft_config=lora_config(config),
-            callbacks=callbacks,
-            data_collator=PackedPreferenceCollator.for_training(
-                tokenizer.pad_token_id, config.dpo.max_length, options.cuda_graphs
-            )
-            if packed
-            else None,
+            callbacks=[*callbacks, counter.callback(world.world_size)],
+            data_collator=counter,
         )
         if options.cuda_graphs:  # on the model TRL wrapped (its adapter is in the layers)
             perf.optimize_model(trainer.model, options)
             trainer.add_callback(perf.StableGradients(trainer.model).callback())
-        return perf.trim_repeated_host_work(trainer), tokenizer, config
+        return perf.trim_repeated_host_work(trainer), tokenizer, _as_run(config, args)
     from transformers import Trainer
 
     # The model comes before the data and the arguments: `microBatchSize: auto` is measured
@@ -481,7 +490,14 @@ def build_trainer(
         callbacks=callbacks,
     )
     # exact on every device: Trainer's per-micro-batch parameter count and module walk, once
-    return perf.trim_repeated_host_work(trainer), tokenizer, config
+    return perf.trim_repeated_host_work(trainer), tokenizer, _as_run(config, args)
+
+
+def _as_run(config: ResolvedConfig, args: Any) -> ResolvedConfig:
+    """The config with what the arguments changed on this device (the fused AdamW on CUDA),
+    so the table of effective hyperparameters shows what runs."""
+    optimizer = getattr(args.optim, "value", args.optim)
+    return config.model_copy(update={"optimizer": optimizer})
 
 
 def announce(config: ResolvedConfig, device: DeviceInfo, world: World) -> None:
@@ -526,7 +542,7 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     if auto and how == "rule":
         config = rule_micro_batch(config, world, device)
     if config.micro_batch_size != "auto":
-        announce(config, device, world)
+        check_batch_rule(config, world)  # before anything loads; the table once it is built
     init_distributed(device, world)
 
     patcher = None
@@ -535,15 +551,14 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
         patcher = StatusPatcher(job, os.environ.get("FINETUNE_JOB_NAMESPACE", "default"))
     progress = ProgressCallback(output, patcher)
     callbacks = [progress, CheckpointMarker(progress.on_checkpoint_complete), *_test_hooks()]
-    probed = config.micro_batch_size == "auto"
     trainer, tokenizer, config = build_trainer(config, device, world, callbacks)
     if world.is_main:  # the data and model were accepted: only now is output written
         output.mkdir(parents=True, exist_ok=True)
         remember_config(given, output)
         if changed:
             log.info("resuming with changes that keep the run the same: %s", changed)
-    if probed:  # now measured: the table shows the chosen micro-batch and accumulation
-        announce(config, device, world)
+    # as built: the micro-batch `auto` chose, the optimizer and switches this device runs
+    announce(config, device, world)
     if auto and world.is_main:
         progress.event(
             {
