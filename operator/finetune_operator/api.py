@@ -544,7 +544,32 @@ STATUS_FIELDS: dict[str, dict[str, Any]] = {
             },
         },
     },
-    "worldSize": {"type": "integer", "description": "World size of the running group."},
+    "worldSize": {
+        "type": "integer",
+        "description": "World size of the running group: the ranks the workers started (each "
+        "starts one per device it sees), workers x devicesPerWorker until they report.",
+    },
+    "ranks": {
+        "type": "object",
+        "description": "What the workers started, reported by rank 0 before training: each "
+        "worker starts a rank per device it sees (each stack of a multi-stack GPU is one).",
+        "properties": {
+            "worldSize": {"type": "integer", "description": "Ranks in all."},
+            "workers": {"type": "integer", "description": "Workers in the rendezvous."},
+            "summary": {
+                "type": "string",
+                "description": "How the world size came about, e.g. 4 workers x 2 cards x "
+                "2 stacks = 16 ranks.",
+            },
+            "gradientAccumulationSteps": {
+                "type": "integer",
+                "description": "Accumulation at that world size (the global batch is kept).",
+            },
+            "configHash": {"type": "string", "description": "The config the workers ran."},
+            "reason": {"type": "string", "description": "Set when the trainer refused to train."},
+            "message": {"type": "string", "description": "Why, and the world sizes that work."},
+        },
+    },
     "startTime": {"type": "string", "format": "date-time", "description": "When training began."},
     "completionTime": {
         "type": "string",

@@ -195,16 +195,17 @@ def build_service(job: JobRef, settings: OperatorSettings) -> Obj:
 
 
 def trainer_command(job: JobRef, resolved: ResolvedConfig, settings: OperatorSettings) -> list[str]:
-    """torchrun with a static rendezvous on rank 0; node rank is the pod's completion index."""
+    """The trainer's launcher: it counts the devices the pod sees and runs torchrun with a rank
+    per device (a 2-stack Max card is two), a static rendezvous on rank 0's worker and the
+    pod's completion index as node rank (see docs/architecture.md, "Counting devices")."""
     return [
-        "torchrun",
+        "python",
+        "-m",
+        "finetune_trainer.launch",
         f"--nnodes={resolved.workers}",
-        f"--nproc-per-node={resolved.devices_per_worker}",
         "--node-rank=$(NODE_RANK)",
         f"--master-addr={Names(job.name).rendezvous_host}",
         f"--master-port={settings.rendezvous_port}",
-        "-m",
-        "finetune_trainer",
         "--config",
         f"{CONFIG_MOUNT}/{CONFIG_FILE}",
     ]

@@ -47,6 +47,7 @@ from finetune_operator.objects import (
     JobRef,
     Names,
     build_desired_objects,
+    config_hash,
 )
 from finetune_operator.resolve import ResolvedConfig, SpecError, parse_spec, resolve
 from finetune_operator.settings import OperatorSettings
@@ -56,6 +57,7 @@ from finetune_operator.status import (
     WorkerJob,
     WorkerPod,
     condition,
+    counted_message,
     first_broken,
     get_condition,
     job_view,
@@ -63,6 +65,8 @@ from finetune_operator.status import (
     parse_time,
     phase_of,
     pod_view,
+    ranks_report,
+    refused_message,
     set_condition,
     status_patch,
     timestamp,
@@ -270,6 +274,29 @@ def spec_valid(d: ValidDraft) -> None:
     d.status["resolved"] = resolved.model_dump(mode="json", by_alias=True, exclude_none=True)
     d.status["workers"] = workers_status(resolved.workers, i.pods)
     d.status["worldSize"] = i.job.world_size if i.job and i.job.world_size else resolved.world_size
+    # Each worker starts a rank per device it sees: the trainer reports the true world size.
+    ranks = ranks_report(i.status, config_hash(resolved))
+    if ranks is not None:
+        d.status["worldSize"] = ranks.world_size
+        if not ranks.refused:
+            message = counted_message(
+                ranks, resolved.world_size, resolved.global_batch_size, resolved.micro_batch_size
+            )
+            d.cond(ConditionType.VALID, True, Reason.DEVICES_COUNTED, message)
+
+
+def world_refused(d: ValidDraft) -> Plan | None:
+    """The trainer refused the world size the workers started (it does not divide the global
+    batch): Valid=False with its message and an Event; no restart, as a restart would start
+    the same ranks again. A changed spec makes the report stale and the group restarts."""
+    ranks = ranks_report(d.i.status, config_hash(d.resolved))
+    if ranks is None or not ranks.refused:
+        return None
+    reason = Reason.for_spec_error(ranks.reason or "")
+    d.cond(ConditionType.VALID, False, reason, refused_message(ranks))
+    d.cond(ConditionType.RUNNING, False, reason, "Nothing trains until the spec is changed.")
+    d.status["phase"] = Phase.PENDING.value
+    return d.finish()
 
 
 def retrying(d: ValidDraft) -> bool:
@@ -525,6 +552,7 @@ def steady(d: ValidDraft) -> Plan:
 
 # The policies after the final phases, in order: the first that decides makes the plan.
 ACTIVE_POLICIES = (
+    world_refused,
     backoff_raised,
     being_replaced,
     worker_failure,

@@ -118,18 +118,30 @@ class ResolvedConfig(_Resolved):
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)
 
-    def with_world(self, workers: int, devices_per_worker: int) -> ResolvedConfig:
-        """The same run at another world size: accumulation recomputed, global batch kept."""
+    def with_world(
+        self,
+        workers: int,
+        devices_per_worker: int,
+        world_size: int | None = None,
+        origin: str = "workers x devicesPerWorker",
+    ) -> ResolvedConfig:
+        """The same run at another world size: accumulation recomputed, global batch kept.
+
+        `world_size` defaults to workers x devices_per_worker; it differs where the workers
+        started different numbers of ranks (each counts the devices it sees). `origin` says
+        how the world size came about, for the batch rule's message.
+        """
+        world = workers * devices_per_worker if world_size is None else world_size
         accumulation = None
         if self.micro_batch_size != "auto":
             accumulation = gradient_accumulation_steps(
-                self.global_batch_size, self.micro_batch_size, workers * devices_per_worker
+                self.global_batch_size, self.micro_batch_size, world, origin
             )
         return self.model_copy(
             update={
                 "workers": workers,
                 "devices_per_worker": devices_per_worker,
-                "world_size": workers * devices_per_worker,
+                "world_size": world,
                 "gradient_accumulation_steps": accumulation,
             }
         )
@@ -144,9 +156,15 @@ def workable_world_sizes(global_batch_size: int, micro_batch_size: int) -> list[
 
 
 def gradient_accumulation_steps(
-    global_batch_size: int, micro_batch_size: int, world_size: int
+    global_batch_size: int,
+    micro_batch_size: int,
+    world_size: int,
+    origin: str = "workers x devicesPerWorker",
 ) -> int:
-    """The batch rule: globalBatchSize / (microBatchSize x worldSize), a whole number >= 1."""
+    """The batch rule: globalBatchSize / (microBatchSize x worldSize), a whole number >= 1.
+
+    `origin` says where the world size comes from in the message (the spec's product, or the
+    ranks the workers started once each counted its devices)."""
     per_pass = micro_batch_size * world_size
     if global_batch_size % per_pass == 0:
         return global_batch_size // per_pass
@@ -159,7 +177,7 @@ def gradient_accumulation_steps(
             reason="BatchRule",
         )
     raise SpecError(
-        f"world size {world_size} (workers x devicesPerWorker) does not divide the global "
+        f"world size {world_size} ({origin}) does not divide the global "
         f"batch: globalBatchSize {global_batch_size} / (microBatchSize {micro_batch_size} x "
         f"world size {world_size}) is not a whole number >= 1. World sizes that work: "
         f"{', '.join(map(str, works))}; or change training.globalBatchSize or "

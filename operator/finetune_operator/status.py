@@ -32,7 +32,7 @@ from finetune_operator.objects import (
 Obj = dict[str, Any]
 
 # Status fields the trainer writes: the operator never patches them.
-TRAINER_FIELDS = frozenset({"progress", "checkpoint"})
+TRAINER_FIELDS = frozenset({"progress", "checkpoint", "ranks"})
 
 
 class Reason(str, Enum):
@@ -40,6 +40,8 @@ class Reason(str, Enum):
 
     # Valid
     SPEC_VALID = "SpecValid"
+    # the workers counted their devices and the batch rule holds at the world size they started
+    DEVICES_COUNTED = "DevicesCounted"
     INVALID_SPEC = "InvalidSpec"
     BATCH_RULE = "BatchRule"
     # Created
@@ -360,3 +362,64 @@ def phase_of(status: Mapping[str, Any]) -> Phase | None:
         return Phase(status.get("phase"))
     except ValueError:
         return None
+
+
+@dataclass(frozen=True)
+class RanksReport:
+    """Rank 0's report (`status.ranks`) of the world torchrun started: each worker starts a rank
+    per device it sees (a 2-stack Max card is two devices), so the world size is known only
+    once the workers have counted. `reason`/`message` are set when the trainer refused that
+    world size (the batch rule)."""
+
+    world_size: int
+    summary: str
+    accumulation: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.reason is not None
+
+
+def ranks_report(status: Mapping[str, Any], config_hash: str) -> RanksReport | None:
+    """The trainer's report if it is about the config the operator wants now (`config_hash`):
+    one left by a group of another spec (before a scale, before a fix) is ignored."""
+    ranks = status.get("ranks") or {}
+    world = ranks.get("worldSize")
+    if ranks.get("configHash") != config_hash or not isinstance(world, int) or world < 1:
+        return None
+    accumulation = ranks.get("gradientAccumulationSteps")
+    return RanksReport(
+        world_size=world,
+        summary=str(ranks.get("summary") or f"{world} ranks"),
+        accumulation=accumulation if isinstance(accumulation, int) else None,
+        reason=ranks.get("reason") or None,
+        message=ranks.get("message") or None,
+    )
+
+
+def counted_message(report: RanksReport, planned_world: int, global_batch: int, micro: Any) -> str:
+    """The Valid condition once the workers have counted their devices."""
+    world = report.world_size
+    split = (
+        f"micro-batch {micro} x gradient accumulation {report.accumulation} x {world}"
+        if report.accumulation is not None
+        else "the micro-batch and accumulation the trainer chose (microBatchSize auto)"
+    )
+    message = f"The workers started {report.summary}: global batch {global_batch} = {split}."
+    if world != planned_world:
+        message += (
+            f" The spec's workers x devicesPerWorker is {planned_world}: each worker starts a "
+            "rank per device it sees (each stack of a multi-stack GPU is one)."
+        )
+    return message
+
+
+def refused_message(report: RanksReport) -> str:
+    """The Valid=False condition (and its Event) when the trainer refused the world started."""
+    return (
+        f"The workers started {report.summary}, and the trainer refused to train: "
+        f"{report.message} Nothing trains until the spec is changed (kubectl edit): the group "
+        "then restarts with it."
+    )

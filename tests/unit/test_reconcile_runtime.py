@@ -209,7 +209,8 @@ def test_runner_prepares_the_pod_as_written(tmp_path: Path) -> None:
     runner = Runner(kube=kube, namespace="ns", workdir=tmp_path, kubeconfig="/k.yaml")  # type: ignore[arg-type]
     argv, env, _cwd = runner.prepare(pod)
 
-    assert argv[0] == "torchrun" and "--node-rank=1" in argv and "--nnodes=2" in argv
+    assert argv[:3] == ["python", "-m", "finetune_trainer.launch"]
+    assert "--node-rank=1" in argv and "--nnodes=2" in argv
     assert "--master-addr=127.0.0.1" in argv
     port = runner.ports["job-uid"]
     assert f"--master-port={port}" in argv and port != 29500

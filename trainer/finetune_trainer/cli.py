@@ -1,6 +1,7 @@
 """`finetune-train`: train from a resolved config (pods) or a FinetuneJob YAML (laptops).
 
     finetune-train --config /etc/finetune/config.json          # in a pod, under torchrun
+                                                               # (started by finetune_trainer.launch)
     finetune-train examples/tiny-cpu.yaml --output /tmp/run --nproc 2
     finetune-train --make-tiny-model DIR                       # write the tiny example model
 
@@ -293,12 +294,14 @@ def _train(config: Any) -> int:
         from finetune_operator.resolve import SpecError
         from finetune_trainer.data import DataError, SourceUnreachable
         from finetune_trainer.device import DeviceError
+        from finetune_trainer.launch import start_world
         from finetune_trainer.model import ModelError
         from finetune_trainer.resume import SpecChanged
         from finetune_trainer.train import TrainingError, run
 
         try:
-            run(config)
+            # at the world size torchrun started (a rank per device the worker counted)
+            run(start_world(config))
         except (SpecError, DataError, DeviceError, ModelError, SpecChanged) as error:
             return _fail(_one_line(error), BAD_INPUT)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:

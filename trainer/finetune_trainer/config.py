@@ -26,6 +26,11 @@ from finetune_operator.resolve import (
 log = logging.getLogger(__name__)
 
 
+# Set by the pod launcher (finetune_trainer.launch) in the ranks it starts: how many devices
+# its worker saw, so that rank 0 can say how the world size came about.
+DEVICES_SEEN_ENV = "FINETUNE_DEVICES_SEEN"
+
+
 @dataclass(frozen=True)
 class World:
     """Where this process sits, from torchrun's environment (1 process when run directly)."""
@@ -34,6 +39,9 @@ class World:
     local_rank: int
     world_size: int
     local_world_size: int
+    # torchrun's GROUP_WORLD_SIZE: the workers (pods) in the rendezvous; 0 where not given
+    group_world_size: int = 0
+    devices_seen: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -41,7 +49,14 @@ class World:
 
     @property
     def nodes(self) -> int:
+        if self.group_world_size:
+            return self.group_world_size
         return max(1, self.world_size // self.local_world_size)
+
+    @property
+    def uniform(self) -> bool:
+        """Every worker started as many ranks as this one (as far as this process can tell)."""
+        return self.nodes * self.local_world_size == self.world_size
 
     @classmethod
     def from_env(cls) -> World:
@@ -49,12 +64,42 @@ class World:
             return int(os.environ.get(name, default))
 
         world = env("WORLD_SIZE", 1)
+        seen = os.environ.get(DEVICES_SEEN_ENV)
         return cls(
             rank=env("RANK", 0),
             local_rank=env("LOCAL_RANK", 0),
             world_size=world,
             local_world_size=env("LOCAL_WORLD_SIZE", world),
+            group_world_size=env("GROUP_WORLD_SIZE", 0),
+            devices_seen=int(seen) if seen else None,
         )
+
+
+def _count(number: int, what: str) -> str:
+    return f"{number} {what}" + ("" if number == 1 else "s")
+
+
+def describe_world(config: ResolvedConfig, world: World) -> str:
+    """How the world size came about, e.g. "4 workers x 2 cards x 2 stacks = 16 ranks".
+
+    `config` is the spec's (devicesPerWorker = the devices each pod requested: cards on xpu).
+    """
+    workers, ranks = _count(world.nodes, "worker"), _count(world.world_size, "rank")
+    local, cards = world.local_world_size, config.devices_per_worker
+    if not world.uniform:
+        return (
+            f"{workers}, {ranks} in all: the workers do not all see as many devices "
+            f"(worker of rank 0: {_count(local, 'rank')} on {_count(cards, 'requested device')})"
+        )
+    if config.device.value == "cpu":
+        return f"{workers} x {_count(local, 'process')} = {ranks}"
+    if config.device.value == "xpu":
+        if local == cards:
+            return f"{workers} x {_count(cards, 'card')} = {ranks}"
+        if local % cards == 0:
+            return f"{workers} x {_count(cards, 'card')} x {local // cards} stacks = {ranks}"
+        return f"{workers} x {_count(cards, 'card')} ({local} stacks in all) = {ranks}"
+    return f"{workers} x {_count(local, 'device')} = {ranks}"
 
 
 def load_config(path: str | Path, output: str | None = None) -> ResolvedConfig:
@@ -89,28 +134,34 @@ def load_config(path: str | Path, output: str | None = None) -> ResolvedConfig:
     return config
 
 
-def reconcile_world(config: ResolvedConfig, world: World) -> ResolvedConfig:
+def reconcile_world(
+    config: ResolvedConfig, world: World, origin: str | None = None
+) -> ResolvedConfig:
     """Train at the world size torchrun started, keeping the global batch.
 
-    The operator writes the config for workers x devicesPerWorker processes, and normally that
-    is what runs. When it is not (a local `torchrun --nproc-per-node 2` of a one-worker spec, or
-    a restart at another size) the global batch is what must stay fixed, since it is what
-    makes a step mean the same samples and the same gradient; so accumulation is recomputed
-    with the same batch rule as the operator's (`with_world`), and a world size at which the
-    rule cannot hold is refused with the operator's message naming sizes that work.
+    The operator writes the config for workers x devicesPerWorker processes. Where that is not
+    what runs (a pod with 2-stack Max cards starts a rank per stack; a local `torchrun
+    --nproc-per-node 2` of a one-worker spec; a restart at another size) the global batch is
+    what must stay fixed, since it is what makes a step mean the same samples and the same
+    gradient; so accumulation is recomputed with the same batch rule as the operator's
+    (`with_world`), and a world size at which the rule cannot hold is refused with the
+    operator's message naming sizes that work. `origin` says how the world size came about.
     """
     if config.world_size == world.world_size:
         return config
-    log.warning(
-        "config was resolved for world size %d (%d x %d) but torchrun started %d processes: "
-        "recomputing gradient accumulation to keep globalBatchSize %d",
+    origin = origin or describe_world(config, world)
+    log.info(
+        "world size %d (%s); the config was resolved for %d (%d x %d): gradient accumulation "
+        "recomputed to keep globalBatchSize %d",
+        world.world_size,
+        origin,
         config.world_size,
         config.workers,
         config.devices_per_worker,
-        world.world_size,
         config.global_batch_size,
     )
-    return config.with_world(world.nodes, world.local_world_size)
+    per_worker = world.local_world_size if world.uniform else config.devices_per_worker
+    return config.with_world(world.nodes, per_worker, world.world_size, origin)
 
 
 def check_batch_rule(config: ResolvedConfig, world: World) -> None:

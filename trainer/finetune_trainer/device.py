@@ -23,6 +23,16 @@ OOM_ADVICE = (
 )
 
 
+# Test-only: "pretend this many devices of the requested kind are visible". The one hardware
+# seam tests fake (there is no Intel GPU to count here): `device_count` returns it, and
+# `select_device` then runs each rank on the CPU with gloo, so that the launcher, the
+# rendezvous, the batch rule and the status report are exercised for real. Never set in a pod.
+FAKE_DEVICE_COUNT_ENV = "FINETUNE_FAKE_DEVICE_COUNT"
+# Stacks (tiles) per card: a Data Center GPU Max 1550 has two, which ZE_FLAT_DEVICE_HIERARCHY=
+# FLAT exposes as two devices; Flex and Arc cards have one.
+MAX_STACKS_PER_CARD = 2
+
+
 class DeviceError(RuntimeError):
     """The requested device kind is not there. The message says what was found."""
 
@@ -54,6 +64,53 @@ def found_devices() -> str:
     return ", ".join(seen)
 
 
+def _faked() -> int | None:
+    value = os.environ.get(FAKE_DEVICE_COUNT_ENV)
+    return int(value) if value else None
+
+
+def device_count(kind: str) -> int:
+    """Devices of `kind` this process can see (1 for cpu): the count a worker starts ranks by."""
+    if kind == "cpu":
+        return 1
+    fake = _faked()
+    if fake is not None:
+        return fake
+    return _count(kind)
+
+
+def ranks_per_worker(kind: str, requested: int, visible: int) -> int:
+    """How many ranks a worker given `requested` devices (devicesPerWorker) starts.
+
+    xpu: one per device it sees, so a pod given two 2-stack Max cards (FLAT hierarchy: four
+    devices) starts four; any mix of 1- and 2-stack cards gives between `requested` and
+    MAX_STACKS_PER_CARD x `requested`. More than that means the pod sees cards it was not
+    given (no device-plugin isolation): it keeps to `requested`, as do cuda (a GPU is one
+    device) and cpu (devicesPerWorker processes). Fewer than requested is a DeviceError.
+    """
+    if kind == "cpu":
+        return requested
+    if visible == 0:
+        raise DeviceError(f"device {kind} requested but none is visible; found: {found_devices()}")
+    if visible < requested:
+        raise DeviceError(
+            f"devicesPerWorker is {requested} but this worker sees {visible} {kind} device(s): "
+            "check the device plugin and the node's GPUs, or lower devicesPerWorker"
+        )
+    if kind == "xpu" and visible <= MAX_STACKS_PER_CARD * requested:
+        return visible
+    if visible > requested:
+        log.warning(
+            "%d %s devices visible but %d requested: starting %d ranks on the first %d",
+            visible,
+            kind,
+            requested,
+            requested,
+            requested,
+        )
+    return requested
+
+
 def _count(kind: str) -> int:
     if kind == "cuda":
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -69,6 +126,14 @@ def select_device(
     kind: str, local_rank: int, local_world_size: int, requested_backend: str | None = None
 ) -> DeviceInfo:
     """Check that this process has its device and pick the collective backend for it."""
+    if kind != "cpu" and _faked() is not None:
+        log.warning(
+            "%s is set (test only): %s device %d stands in as the CPU, backend gloo",
+            FAKE_DEVICE_COUNT_ENV,
+            kind,
+            local_rank,
+        )
+        return DeviceInfo(kind="cpu", backend="gloo", local_rank=local_rank)
     if kind != "cpu":
         count = _count(kind)
         if count == 0:
