@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes toolchain used by hack/dev-cluster and the e2e tests, from the Go
 # module proxy only: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd,
-# kwok, kwokctl and helm. Versions are pinned by the committed modules under hack/tools/*/go.mod.
+# kwok, kwokctl and helm; with FTO_KUEUE=1 (or --kueue) also Kueue's controller. Versions are
+# pinned by the committed modules under hack/tools/*/go.mod.
 #
 # Binaries land outside git in a cache keyed by version:
 #   ${FTO_CACHE:-$HOME/.cache/finetune-operator}/bin/<group>-<version>/
@@ -11,6 +12,9 @@
 #   hack/build-tools.sh            build whatever is missing (cold: see README developer notes)
 #   hack/build-tools.sh --path     print the PATH fragment holding the binaries (builds nothing)
 #   hack/build-tools.sh --check    exit 1 (listing what is missing) unless everything is built
+#   hack/build-tools.sh --kueue    also build Kueue (as FTO_KUEUE=1 does)
+#   hack/build-tools.sh --kueue-source   print the Kueue module's source folder in the Go module
+#                                  cache (its CRDs and webhook manifests), downloading it if needed
 set -euo pipefail
 
 HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,11 +33,15 @@ KUBE_VERSION="$(pinned_version "${TOOLS_DIR}/kubernetes" k8s.io/kubernetes)"
 ETCD_VERSION="$(pinned_version "${TOOLS_DIR}/etcd" go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(pinned_version "${TOOLS_DIR}/kwok" sigs.k8s.io/kwok)"
 HELM_VERSION="$(pinned_version "${TOOLS_DIR}/helm" helm.sh/helm/v3)"
+KUEUE_VERSION="$(pinned_version "${TOOLS_DIR}/kueue" sigs.k8s.io/kueue)"
 
 KUBE_BIN_DIR="${FTO_CACHE}/bin/kubernetes-${KUBE_VERSION}"
 ETCD_BIN_DIR="${FTO_CACHE}/bin/etcd-${ETCD_VERSION}"
 KWOK_BIN_DIR="${FTO_CACHE}/bin/kwok-${KWOK_VERSION}"
 HELM_BIN_DIR="${FTO_CACHE}/bin/helm-${HELM_VERSION}"
+KUEUE_BIN_DIR="${FTO_CACHE}/bin/kueue-${KUEUE_VERSION}"
+# Kueue is optional: built and checked only when asked for.
+WITH_KUEUE="${FTO_KUEUE:-0}"
 
 missing_binaries() {
   local dir="$1"; shift
@@ -94,7 +102,14 @@ kube_version_ldflags() {
 }
 
 print_path() {
-  echo "${KUBE_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}"
+  echo "${KUBE_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}:${KUEUE_BIN_DIR}"
+}
+
+# The Kueue module's source (config/components/crd/bases, config/components/webhook) in the Go
+# module cache: the CRDs and webhook definitions of exactly the version built.
+print_kueue_source() {
+  (cd "${TOOLS_DIR}/kueue" && go mod download sigs.k8s.io/kueue \
+    && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
 }
 
 check_all_built() {
@@ -104,6 +119,7 @@ check_all_built() {
     missing_binaries "${ETCD_BIN_DIR}" etcd
     missing_binaries "${KWOK_BIN_DIR}" kwok kwokctl
     missing_binaries "${HELM_BIN_DIR}" helm
+    if [[ "${WITH_KUEUE}" == "1" ]]; then missing_binaries "${KUEUE_BIN_DIR}" kueue; fi
   )"
   if [[ -n "${missing}" ]]; then
     echo "build-tools: missing (run hack/build-tools.sh):" >&2
@@ -136,14 +152,24 @@ build_all() {
   build_group "${HELM_BIN_DIR}" "${TOOLS_DIR}/helm" \
     "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" \
     helm=helm.sh/helm/v3/cmd/helm
+  if [[ "${WITH_KUEUE}" == "1" ]]; then
+    build_group "${KUEUE_BIN_DIR}" "${TOOLS_DIR}/kueue" \
+      "-X sigs.k8s.io/kueue/pkg/version.GitVersion=${KUEUE_VERSION}" \
+      kueue=sigs.k8s.io/kueue/cmd/kueue
+  fi
 
   check_all_built
   echo "build-tools: all tools ready in $((SECONDS - started_at))s; PATH fragment: $(print_path)"
 }
 
+if [[ "${1:-}" == "--kueue" ]]; then
+  WITH_KUEUE=1
+  shift
+fi
 case "${1:-build}" in
   build) build_all ;;
   --path) print_path ;;
   --check) check_all_built ;;
-  *) echo "usage: $0 [--path|--check]" >&2; exit 2 ;;
+  --kueue-source) print_kueue_source ;;
+  *) echo "usage: $0 [--kueue] [--path|--check|--kueue-source]" >&2; exit 2 ;;
 esac

@@ -469,6 +469,9 @@ class Phase(str, Enum):
     RUNNING = "Running"
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
+    # Kueue holds the worker Job: waiting for quota, or stopped by a preemption until re-admitted.
+    QUEUED = "Queued"
+    PREEMPTED = "Preempted"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -480,6 +483,7 @@ class ConditionType(str, Enum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
 
 
 # Status fields (status.*) as the CRD shows them; the operator and the trainer write them.
@@ -487,7 +491,8 @@ STATUS_FIELDS: dict[str, dict[str, Any]] = {
     "phase": {
         "type": "string",
         "enum": [p.value for p in Phase],
-        "description": "Pending, Running, Restarting, Suspended, Succeeded or Failed.",
+        "description": "Pending, Queued, Running, Restarting, Preempted, Suspended, Succeeded or "
+        "Failed.",
     },
     "observedGeneration": {"type": "integer", "description": "Spec generation last acted on."},
     "workers": {
@@ -578,7 +583,7 @@ STATUS_FIELDS: dict[str, dict[str, Any]] = {
     },
     "conditions": {
         "type": "array",
-        "description": "Valid, Created, Running, Succeeded, Failed, Suspended.",
+        "description": "Valid, Created, Running, Succeeded, Failed, Suspended, Queued.",
         "x-kubernetes-list-type": "map",
         "x-kubernetes-list-map-keys": ["type"],
         "items": {

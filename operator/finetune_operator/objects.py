@@ -37,6 +37,9 @@ CONFIG_HASH_ANNOTATION = "finetune.dev/config-hash"
 # On the worker Job: the hash of what a running group cannot change in place (template_hash).
 TEMPLATE_HASH_ANNOTATION = "finetune.dev/template-hash"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# Copied from the FinetuneJob onto the worker Job, which Kueue admits as one workload.
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 
 # Env a multi-node Intel GPU job needs under oneCCL: torchrun launches the processes (not
 # mpiexec), IPC handles are exchanged over sockets because containers lack pidfd access to
@@ -61,6 +64,11 @@ class JobRef:
     namespace: str
     uid: str
     labels: dict[str, str] | None = None
+
+
+def queue_name(job: JobRef) -> str | None:
+    """The Kueue LocalQueue a FinetuneJob's workers wait in (None: not queued)."""
+    return (job.labels or {}).get(KUEUE_QUEUE_LABEL) or None
 
 
 @dataclass(frozen=True)
@@ -340,10 +348,7 @@ def build_worker_job(
     """One Indexed Job for the group. backoffLimit 0: any failed pod fails the Job, and the
     operator restarts the whole group from the last checkpoint (gang semantics)."""
     names = Names(job.name)
-    extra_labels = {}
-    queue = (job.labels or {}).get(KUEUE_QUEUE_LABEL)
-    if queue:
-        extra_labels[KUEUE_QUEUE_LABEL] = queue
+    extra_labels = {k: v for k, v in (job.labels or {}).items() if k in KUEUE_LABELS and v}
     metadata = _metadata(job, names.workers, extra_labels)
     metadata["annotations"] = {
         WORLD_SIZE_ANNOTATION: str(resolved.world_size),
@@ -358,7 +363,9 @@ def build_worker_job(
             "completions": resolved.workers,
             "parallelism": resolved.workers,
             "backoffLimit": 0,
-            "suspend": spec.suspend,
+            # A queued Job is created suspended and Kueue unsuspends it on admission; after
+            # creation the operator leaves suspend to Kueue (see reconcile.job_update).
+            "suspend": spec.suspend or queue_name(job) is not None,
             "template": build_pod_template(job, spec, resolved, settings),
         },
     }

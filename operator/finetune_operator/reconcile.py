@@ -17,10 +17,17 @@ in this order (each has its own table of tests), and the first that decides make
   `backoffLimit`, then Failed with the pod's reason; `lastFailure.jobUid` makes the count
   exactly-once across operator restarts;
 - `training_complete`: every worker finished: Succeeded;
+- `leave_queue`: a queued job (label `kueue.x-k8s.io/queue-name`) that the user suspends:
+  its worker Job is deleted, which takes its workload out of the queue and frees the quota;
+  resuming creates it again, into the queue (Kueue owns the Job's suspend, so the user's
+  suspend cannot be written there);
 - `template_changed`: a changed pod template (world size, image, ...): the group restarts with
   it (Scaling when the world size changed: the ConfigMap carries the recomputed accumulation);
 - `steady`: every object applied (created, drift repaired; suspend follows the spec) and the
-  phase is Running only when every worker runs.
+  phase is Running only when every worker runs. A queued Job is created suspended and Kueue
+  alone unsuspends (admits) and suspends (preempts) it: the operator never writes its suspend
+  or pod template afterwards (`job_update`); while Kueue holds it the phase is Queued, or
+  Preempted when it had been running, and a preemption is no worker failure.
 
 The `Reconciler` reads the objects from the watch cache (`cache.Store`), calls `plan`, and
 carries the plan out through `Kube`, feeding every write's answer back into the cache.
@@ -48,6 +55,7 @@ from finetune_operator.objects import (
     Names,
     build_desired_objects,
     config_hash,
+    queue_name,
 )
 from finetune_operator.resolve import ResolvedConfig, SpecError, parse_spec, resolve
 from finetune_operator.settings import OperatorSettings
@@ -82,6 +90,10 @@ Obj = dict[str, Any]
 SHORT_REQUEUE = 2.0
 # How long the reconciler remembers that it resumed a Job suspended by hand.
 RESUMED_MEMORY_SECONDS = 600.0
+# A queued Job's pod going away while the Job is not (yet) seen suspended: Kueue's suspend
+# (a preemption) may reach the cache after the pod deletions it causes. Such a pod counts as
+# lost only once this long has passed since its deletion was asked.
+PREEMPTION_SETTLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,8 @@ class Inputs:
     service_exists: bool
     now: datetime
     requested_workers: int = 0
+    # The Kueue LocalQueue (label kueue.x-k8s.io/queue-name) the workers wait in, if any.
+    queue: str | None = None
     # How long a replaced group may take to go (pods Terminating on an unreachable node never
     # do): then its Job is let go with its pods orphaned, so that the new group can start.
     replace_grace_seconds: float = 120.0
@@ -142,6 +156,9 @@ class Draft:
         self.status: Obj = {"observedGeneration": i.generation, "restarts": self.restarts}
         self.plan = Plan(status=self.status)
         self.conditions: list[Obj] = []
+        # A queued Job's pod is going while the Job is not seen suspended yet (see
+        # PREEMPTION_SETTLE_SECONDS): look again shortly.
+        self.settling = False
 
     def cond(self, type_: ConditionType, status: bool, reason: Reason, message: str) -> None:
         self.conditions.append(
@@ -342,6 +359,14 @@ def suspension(d: ValidDraft) -> None:
             "spec.suspend is true: the worker pods are stopped and the job is kept. Set it to "
             "false to resume from the last checkpoint.",
         )
+        if d.i.queue is not None:
+            d.cond(
+                ConditionType.QUEUED,
+                False,
+                Reason.SUSPENDED,
+                f"Out of Kueue queue {d.i.queue} while spec.suspend is true: the worker Job "
+                "and its quota are released; resuming queues it again.",
+            )
     elif previous and previous.get("status") == "True":
         d.cond(
             ConditionType.SUSPENDED,
@@ -410,6 +435,8 @@ def worker_failure(d: ValidDraft) -> Plan | None:
     Failed. `lastFailure.jobUid` makes the count exactly-once across operator restarts."""
     i, job, spec = d.i, d.i.job, d.spec
     broken = first_broken(i.pods)
+    if broken is not None and job is not None and preemption_settling(i, job, broken):
+        d.settling, broken = True, None
     if job is None or training_done(d) or not (job.failed or (broken and not job.suspended)):
         return None
     what = (
@@ -465,6 +492,19 @@ def worker_failure(d: ValidDraft) -> Plan | None:
     return d.finish()
 
 
+def preemption_settling(i: Inputs, job: WorkerJob, pod: WorkerPod) -> bool:
+    """A queued Job's pod that was asked to go moments ago, while the Job is not seen
+    suspended: possibly Kueue's preemption, whose suspend has not reached us yet."""
+    asked = parse_time(pod.deletion_asked)
+    return (
+        i.queue is not None
+        and not job.suspended
+        and pod.phase != "Failed"
+        and asked is not None
+        and (i.now - asked).total_seconds() < PREEMPTION_SETTLE_SECONDS
+    )
+
+
 def training_complete(d: ValidDraft) -> Plan | None:
     """Every worker finished: Succeeded, with where the results are."""
     i, job, resolved = d.i, d.i.job, d.resolved
@@ -486,6 +526,53 @@ def training_complete(d: ValidDraft) -> Plan | None:
     d.cond(ConditionType.RUNNING, False, Reason.FINISHED, "Training finished.")
     if d.spec.ttl_seconds_after_finished is not None:
         d.plan.requeue_after = float(d.spec.ttl_seconds_after_finished)
+    return d.finish()
+
+
+def leave_queue(d: ValidDraft) -> Plan | None:
+    """The user suspends a queued job: its worker Job is deleted, so its workload leaves the
+    queue and frees the quota (Kueue owns the Job's suspend and would undo ours). Resuming
+    creates the Job again, into the queue; the trainer resumes from the last checkpoint."""
+    job = d.i.job
+    if d.i.queue is None or not d.spec.suspend or job is None or job.deleting:
+        return None
+    d.plan.apply_objects = True
+    d.plan.delete_job = job.uid
+    d.created()
+    d.no_failure()
+    d.waiting(job_exists=False)
+    d.plan.requeue_after = SHORT_REQUEUE
+    return d.finish()
+
+
+def held_by_kueue(d: ValidDraft) -> Plan | None:
+    """A queued Job that Kueue keeps suspended: waiting for quota (Queued), or stopped by a
+    preemption after it ran (Preempted; no failure, nothing counted). Kueue unsuspends it on
+    admission."""
+    i, job, resolved = d.i, d.i.job, d.resolved
+    if i.queue is None or job is None or not job.suspended or d.spec.suspend:
+        return None
+    preempted = d.prev_phase in (Phase.RUNNING, Phase.PREEMPTED)
+    need = (
+        f"{resolved.workers} workers x {resolved.devices_per_worker} "
+        f"{resolved.device_resource or 'cpu'}"
+    )
+    if preempted:
+        reason, phase = Reason.PREEMPTED, Phase.PREEMPTED
+        message = (
+            f"Preempted: Kueue stopped the group to make room for other work. It waits in queue "
+            f"{i.queue} again and resumes from {d.from_where} once re-admitted; this is not "
+            "counted against backoffLimit."
+        )
+    else:
+        reason, phase = Reason.QUEUED, Phase.QUEUED
+        message = (
+            f"Waiting in Kueue queue {i.queue} until its ClusterQueue has quota for the whole "
+            f"group ({need}) at once."
+        )
+    d.status["phase"] = phase.value
+    d.cond(ConditionType.QUEUED, True, reason, message)
+    d.cond(ConditionType.RUNNING, False, reason, message)
     return d.finish()
 
 
@@ -523,12 +610,23 @@ def steady(d: ValidDraft) -> Plan:
     when every worker runs."""
     i, job, resolved, status = d.i, d.i.job, d.resolved, d.status
     d.plan.apply_objects = True
-    d.plan.apply_job = True
+    # A queued job the user suspended has no Job (leave_queue): none is created until resumed.
+    d.plan.apply_job = not (i.queue is not None and d.spec.suspend)
     d.created()
     d.no_failure()
     if job is None or d.spec.suspend:
         d.waiting(job_exists=job is not None)
         return d.finish()
+    held = held_by_kueue(d)
+    if held is not None:
+        return held
+    if i.queue is not None:
+        d.cond(
+            ConditionType.QUEUED,
+            False,
+            Reason.ADMITTED,
+            f"Admitted by Kueue from queue {i.queue}: the whole group may run.",
+        )
     ready = status["workers"]["ready"]
     done = sum(1 for p in i.pods if p.phase == "Succeeded" and not p.deleting)
     # Workers that finished while the others still run (the Job completes with the last one)
@@ -557,6 +655,7 @@ ACTIVE_POLICIES = (
     being_replaced,
     worker_failure,
     training_complete,
+    leave_queue,
     template_changed,
 )
 
@@ -574,8 +673,27 @@ def plan(i: Inputs) -> Plan:
     for policy in ACTIVE_POLICIES:
         decided = policy(d)
         if decided is not None:
-            return decided
-    return steady(d)
+            return _settle(d, decided)
+    return _settle(d, steady(d))
+
+
+def _settle(d: Draft, decided: Plan) -> Plan:
+    if d.settling and (decided.requeue_after is None or decided.requeue_after > 1.0):
+        decided.requeue_after = 1.0
+    return decided
+
+
+def job_update(desired_job: Obj, queue: str | None) -> Obj:
+    """What the operator applies to an existing worker Job. For a queued Job: neither
+    `spec.suspend` (Kueue admits and preempts through it) nor `spec.template` (Kueue injects
+    its flavor's node selectors and tolerations on admission; a template change replaces the
+    Job, by its hash, anyway). Server-side apply leaves fields it is not given to their owners."""
+    if queue is None:
+        return desired_job
+    spec = {
+        k: v for k, v in (desired_job.get("spec") or {}).items() if k not in ("suspend", "template")
+    }
+    return {**desired_job, "spec": spec}
 
 
 # -- the service layer -----------------------------------------------------------------------
@@ -694,7 +812,10 @@ class Reconciler:
         job = job_view(live_job) if live_job else None
         pods: tuple[WorkerPod, ...] = ()
         if job is not None:
-            resumed = self._resumed.get(job.uid)
+            resumed = max(
+                (t for t in (self._resumed.get(job.uid), parse_time(job.resumed_at)) if t),
+                default=None,
+            )
             pods = tuple(
                 pod_view(p)
                 for p in sorted(self.store.pods_of(namespace, name), key=_name)
@@ -717,16 +838,22 @@ class Reconciler:
                 service_exists=service is not None,
                 now=_now(),
                 replace_grace_seconds=self.replace_grace_seconds,
+                queue=queue_name(ref),
                 requested_workers=int(raw_spec.get("workers") or 1)
                 if isinstance(raw_spec.get("workers"), int)
                 else 1,
             )
         )
-        self._act(body, decided, desired, live_job)
+        self._act(body, decided, desired, live_job, queue_name(ref))
         return decided.requeue_after
 
     def _act(
-        self, body: Obj, decided: Plan, desired: DesiredObjects | None, live_job: Obj | None
+        self,
+        body: Obj,
+        decided: Plan,
+        desired: DesiredObjects | None,
+        live_job: Obj | None,
+        queue: str | None = None,
     ) -> None:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
@@ -739,7 +866,7 @@ class Reconciler:
         for event in decided.events:
             self.kube.event(body, event.type, event.reason, event.message, self.identity)
         try:
-            self._apply(namespace, name, decided, desired, live_job)
+            self._apply(namespace, name, decided, desired, live_job, queue)
         except KubeError as error:
             if error.status not in (400, 422):
                 raise
@@ -791,6 +918,7 @@ class Reconciler:
         decided: Plan,
         desired: DesiredObjects | None,
         live_job: Obj | None,
+        queue: str | None = None,
     ) -> None:
         names = Names(name)
         if decided.apply_objects and desired is not None:
@@ -837,12 +965,14 @@ class Reconciler:
                     if error.status != 409:
                         raise
             else:
-                answer = self.kube.apply(job, live_job, check_live=False)
+                answer = self.kube.apply(job_update(job, queue), live_job, check_live=False)
                 if answer is not None:
                     self._seen(answer)
                     log.info("%s/%s applied Job %s", namespace, name, names.workers)
-                    if (live_job.get("spec") or {}).get("suspend") and not job["spec"].get(
-                        "suspend"
+                    if (
+                        queue is None
+                        and (live_job.get("spec") or {}).get("suspend")
+                        and not job["spec"].get("suspend")
                     ):
                         self._note_resumed(live_job["metadata"]["uid"])
         if decided.cleanup:

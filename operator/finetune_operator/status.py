@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any
 
@@ -67,6 +67,10 @@ class Reason(str, Enum):
     SUSPENDED = "Suspended"
     NOT_SUSPENDED = "NotSuspended"
     RESUMED = "Resumed"
+    # Queued (and Running, while Kueue holds the worker Job)
+    QUEUED = "Queued"
+    PREEMPTED = "Preempted"
+    ADMITTED = "Admitted"
 
     @classmethod
     def for_spec_error(cls, reason: str) -> Reason:
@@ -109,6 +113,8 @@ class WorkerPod:
     # The scheduler's word on a pod it could not place (PodScheduled=False).
     unschedulable: str | None = None
     created: str | None = None  # metadata.creationTimestamp (RFC 3339, seconds)
+    # When its deletion was asked (deletionTimestamp less the grace period).
+    deletion_asked: str | None = None
 
     @property
     def running(self) -> bool:
@@ -144,6 +150,9 @@ class WorkerJob:
     failure_message: str | None = None
     completion_time: str | None = None
     deletion_time: str | None = None
+    # When the Job controller last saw it resumed (Suspended condition turned False): pods
+    # deleted before then were stopped by the suspension, not lost.
+    resumed_at: str | None = None
 
 
 def job_view(job: Mapping[str, Any]) -> WorkerJob:
@@ -180,6 +189,9 @@ def job_view(job: Mapping[str, Any]) -> WorkerJob:
         failure_message=failed.get("message") if true("Failed") else None,
         completion_time=status.get("completionTime"),
         deletion_time=metadata.get("deletionTimestamp"),
+        resumed_at=(conditions.get("Suspended") or {}).get("lastTransitionTime")
+        if (conditions.get("Suspended") or {}).get("status") == "False"
+        else None,
     )
 
 
@@ -205,6 +217,14 @@ def pod_view(pod: Mapping[str, Any]) -> WorkerPod:
             message = terminated.get("message") or message
             break
     index = annotations.get(COMPLETION_INDEX_ANNOTATION)
+    deleting_at = parse_time(metadata.get("deletionTimestamp"))
+    asked = (
+        timestamp(
+            deleting_at - timedelta(seconds=int(metadata.get("deletionGracePeriodSeconds") or 0))
+        )
+        if deleting_at is not None
+        else None
+    )
     return WorkerPod(
         name=metadata.get("name", ""),
         index=int(index) if index is not None and str(index).isdigit() else None,
@@ -217,6 +237,7 @@ def pod_view(pod: Mapping[str, Any]) -> WorkerPod:
         exit_code=exit_code,
         unschedulable=unschedulable,
         created=metadata.get("creationTimestamp"),
+        deletion_asked=asked,
     )
 
 

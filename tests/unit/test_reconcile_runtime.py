@@ -86,7 +86,16 @@ def test_count_phases() -> None:
     bodies = [{"status": {"phase": "Running"}}, {"status": {"phase": "Running"}}, {}]
     counts = count_phases(bodies)
     assert counts["Running"] == 2 and counts["Pending"] == 1 and counts["Failed"] == 0
-    assert set(counts) == {"Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"}
+    assert set(counts) == {
+        "Pending",
+        "Queued",
+        "Running",
+        "Restarting",
+        "Preempted",
+        "Suspended",
+        "Succeeded",
+        "Failed",
+    }
 
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
