@@ -32,7 +32,7 @@ backward through the activations 4N, reference forward 2N) plus attention.
 
 Usage (one GPU, everything, results JSON per run under --out):
   python benchmarks/train_throughput.py --paths baseline,ours,ours-auto --methods lora,qlora
-Multi-GPU (issue 9): torchrun --nproc-per-node N benchmarks/train_throughput.py --child \
+Multi-GPU: torchrun --nproc-per-node N benchmarks/train_throughput.py --child \
   --path ours --method lora ...   (or --worlds 1,2 from the driver, which launches torchrun)
 Tiny CPU check: --tiny (2 layers, hidden 64) runs the same code on the CPU.
 
@@ -728,7 +728,7 @@ def child_dpo(args: argparse.Namespace) -> None:
             graph_checkpointing=graphs and not os.environ.get("BENCH_DPO_NO_CKPT"),
             lean_lora=graphs and not os.environ.get("BENCH_NO_LEAN_LORA"),
         )
-        # under graphs the trainer's rows unless BENCH_DPO_LOOSE_ROWS (session 5: rounded to
+        # under graphs the trainer's rows unless BENCH_DPO_LOOSE_ROWS (rounded to
         # --bucket); BENCH_DPO_ROW_TOKENS: the packed row width (attention costs its square)
         if graphs and not os.environ.get("BENCH_DPO_LOOSE_ROWS"):
             inner = PackedPreferenceCollator.for_training(0, args.dpo_max_length, cuda_graphs=True)

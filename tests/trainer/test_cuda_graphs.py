@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_perf import examples, rel, tiny_llama
+from trainer_helpers import examples, rel, tiny_llama
 
 from finetune_trainer import cuda_graphs, perf
 
@@ -48,7 +48,7 @@ def accumulate(model: Any, batches: list[dict[str, torch.Tensor]], bf16: bool) -
         # as Trainer does: nothing of this micro-batch's autograd graph outlives it. Kept
         # alive into the next forward, its parameters' AccumulateGrad nodes (made on the
         # default stream by the replay) are reused by a new width's backward capture, whose
-        # stream sync then fails (session 5, the checkpointed capture on an H200).
+        # stream sync then fails (seen with the checkpointed capture on an H200).
         del loss
     return losses
 
@@ -76,8 +76,8 @@ def test_eval_and_no_grad_stay_eager() -> None:
     [
         (False, False, False),
         (False, False, True),
-        # failed to capture in session 3 (torch 2.11, H200); passes since the graphs re-enter
-        # autocast inside them (session 4; run as passing in session 6)
+        # captures because the graphs re-enter autocast inside them (without that it fails
+        # to capture on torch 2.11)
         (True, True, False),
         (True, False, False),
         (True, True, True),
@@ -134,7 +134,7 @@ def test_graphed_layers_same_loss_and_accumulated_grads(
         opt_e.step()
         opt_g.step()
     # every layer call of every micro-batch replayed a graph: one set per width, no eager
-    # fallback (session 3 counted model forwards, and only layer 0 was replayed)
+    # fallback (a counter of model forwards would miss that only layer 0 was replayed)
     owner = cuda_graphs.installed(layers[0])
     assert owner is not None
     assert len(owner.sets) == len(widths) and owner.eager_calls == 0

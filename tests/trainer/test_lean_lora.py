@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_perf import tiny_llama
+from trainer_helpers import tiny_llama
 
 from finetune_trainer import lean_lora
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from trainer_helpers import tiny_llama
 
 from finetune_trainer import perf
 
@@ -46,23 +47,8 @@ LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_pr
 
 
 def base_model(seed: int = 0) -> Any:
-    """A tiny fp32 Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        use_cache=False,
-    )
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).float()
+    """A tiny fp32 Llama, padding with id 0, in training mode."""
+    return tiny_llama(seed, vocab_size=VOCAB, pad_token_id=0).train()
 
 
 def perturb_lora_b(model: Any) -> None:

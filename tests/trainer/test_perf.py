@@ -11,41 +11,12 @@ from typing import Any
 
 import pytest
 import torch
+from trainer_helpers import examples, rel, tiny_llama
 
 from finetune_operator.api import DEFAULT_TARGET_MODULES
 from finetune_trainer import perf
 
 TOL = 1e-4
-
-
-def tiny_llama(seed: int = 0, attn: str = "sdpa") -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-    )
-    config._attn_implementation = attn
-    config.use_cache = False  # as in training (see test_position_id_packing_needs_use_cache_off)
-    return LlamaForCausalLM(config).float().eval()
-
-
-def examples(n: int, seed: int = 1, low: int = 5, high: int = 40) -> list[dict[str, Any]]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        length = int(torch.randint(low, high, (1,), generator=g))
-        ids = torch.randint(3, 97, (length,), generator=g).tolist()
-        prompt = length // 3
-        labels = [-100] * prompt + ids[prompt:]
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
-    return rows
 
 
 def padded(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -70,10 +41,6 @@ def loss_and_grads(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, l
     out.loss.backward()
     grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
     return float(out.loss.detach()), grads
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def test_pack_rows_in_order_and_bounded() -> None:

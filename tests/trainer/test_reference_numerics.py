@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from trainer_helpers import tiny_llama
 
 from finetune_trainer import perf
 
@@ -37,22 +38,16 @@ class Steps:
 
 
 def _base_model() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+    model = tiny_llama(
         vocab_size=512,
         hidden_size=512,
         intermediate_size=1024,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=4,
-        tie_word_embeddings=False,
+        max_position_embeddings=2048,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     for parameter in model.parameters():  # the same weights in bf16 and fp32
         parameter.data = parameter.data.to(torch.bfloat16).float()
-    model.config.use_cache = False
     return model
 
 

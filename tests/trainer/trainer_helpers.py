@@ -72,3 +72,44 @@ def progress(output: Path) -> list[dict[str, Any]]:
 def losses(output: Path) -> dict[int, float]:
     """Training loss per step (the last value logged for a step wins, as after a resume)."""
     return {r["step"]: r["loss"] for r in progress(output) if "loss" in r}
+
+
+def tiny_llama(seed: int = 0, attn: str = "sdpa", **config: Any) -> Any:
+    """A tiny random fp32 Llama (vocab 97, hidden 64, 2 layers) in eval mode, no KV cache."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings: dict[str, Any] = {
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+    } | config
+    llama_config = LlamaConfig(**settings)
+    llama_config._attn_implementation = attn
+    llama_config.use_cache = False  # as in training (test_position_id_packing_needs_use_cache_off)
+    return LlamaForCausalLM(llama_config).float().eval()
+
+
+def examples(n: int, seed: int = 1, low: int = 5, high: int = 40) -> list[dict[str, Any]]:
+    """Tokenized rows of random ids, the first third of each masked as a prompt."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(low, high, (1,), generator=g))
+        ids = torch.randint(3, 97, (length,), generator=g).tolist()
+        prompt = length // 3
+        labels = [-100] * prompt + ids[prompt:]
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
+    return rows
+
+
+def rel(a: Any, b: Any) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -4,11 +4,10 @@ Why: at micro-batch 2 (about 300 tokens) a step issues thousands of small kernel
 Python per micro-batch, and is launch- and host-bound; replaying the stack's forward and
 backward as two CUDA graphs removes both. torch.compile's own CUDA graphs (mode
 "reduce-overhead") crashed in the compiled backward on torch 2.11, so this captures the stack
-with `torch.cuda.make_graphed_callables`, its layers eager or compiled inside. Measured on an
-H200 (benchmarks/README.md, fourth session): 5.8x the plain recipe for LoRA, 6.7x for QLoRA,
-with less memory. (Session 3 measured a graph per layer as "no faster": only layer 0 was
-replayed, the set being keyed on each layer's own input, whose requires-grad differs past
-layer 0, and the replay counter counting model forwards.)
+with `torch.cuda.make_graphed_callables`, its layers eager or compiled inside (speed and
+memory on an H200: benchmarks/README.md). One set for the whole stack, not a graph per layer:
+a set keyed on each layer's own input would replay only layer 0, since the input's
+requires-grad differs past it.
 
 How it stays exact:
 - the packing collator rounds each row up to a few widths (`pad_to_multiple_of`); pad tokens
@@ -236,8 +235,8 @@ class GraphedLayers:
         under no_grad. Why not the adapter switched off, eagerly: the reference must round
         as the policy does, or at the first step (where B is zero and policy and reference
         are one model) the DPO margin, a difference of sums of hundreds of log-probs, is not
-        zero (measured: 4e-3 in the loss with the layers compiled inside the graphs, 6e-3
-        with compiled layers in the second session). Through the same graph it is zero."""
+        zero (measured: 4e-3 to 6e-3 in the loss with compiled layers). Through the same
+        graph it is zero."""
         zeroed = list(zeroed)
         if len(self._reference_backup) != len(zeroed):  # once: not an allocation per pass
             self._reference_backup = [torch.empty_like(t) for t in zeroed]
@@ -278,7 +277,7 @@ class GraphedLayers:
         _warm_up(call, sample, stream, self.rng)  # in place of make_graphed_callables' own
         if self.rng:  # checkpointed: its generators must be registered with the graphs
             self.sets[key] = _GraphedStack.capture(call, sample, self.pool, stream, self.rng)
-        else:  # as measured in the fourth session
+        else:  # torch's own helper, as measured (benchmarks/README.md)
             with torch.autocast("cuda", enabled=False):  # (_GraphedStack.capture says why)
                 options: dict[str, Any] = {"pool": self.pool, "num_warmup_iters": 0}
                 graphed = torch.cuda.make_graphed_callables(

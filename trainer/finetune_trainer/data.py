@@ -22,7 +22,7 @@ from finetune_trainer.tiny import resolve_bundled
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# The alpaca-lora template (templates/alpaca.json), as the seed recipe uses it.
+# The alpaca-lora template (templates/alpaca.json), as IPEX-LLM's alpaca example uses it.
 PROMPT_TEMPLATE = {
     "prompt_input": (
         "Below is an instruction that describes a task, paired with an input that provides "
@@ -122,7 +122,7 @@ def alpaca_prompt(row: dict[str, Any]) -> str:
 def alpaca_tokenizer(
     tokenizer: Any, cutoff_len: int, train_on_inputs: bool
 ) -> Callable[[dict[str, Any]], dict[str, list[int]]]:
-    """The seed recipe's generate_and_tokenize_prompt: truncate, append EOS, mask the prompt."""
+    """IPEX-LLM's alpaca example's generate_and_tokenize_prompt: truncate, append EOS, mask the prompt."""
 
     def tokenize(text: str, add_eos: bool = True) -> list[int]:
         ids: list[int] = tokenizer(text, truncation=True, max_length=cutoff_len)["input_ids"]
@@ -173,8 +173,8 @@ def training_rows(count: int, validation_size: int | float) -> int:
 def split(rows: Any, validation_size: int | float, seed: int) -> tuple[Any, Any | None]:
     """Train and validation sets; validationSize is a row count, a fraction, or 0 for none.
 
-    A count larger than the data leaves too little to train on: then an error, as the seed
-    recipe's train_test_split would raise, but saying which knob to turn.
+    A count larger than the data leaves too little to train on: then an error, as the
+    train_test_split of IPEX-LLM's example would raise, but saying which knob to turn.
     """
     if not validation_size:
         return rows, None
@@ -341,7 +341,7 @@ def build_datasets(config: ResolvedConfig, tokenizer: Any) -> tuple[Any, Any | N
 def build_collator(tokenizer: Any, pad_to_multiple_of: int, padding_free: bool) -> Any:
     """Right-padding DataCollatorForSeq2Seq, or flattening (no padding) where exact.
 
-    Left padding (the seed's) leaves fully masked attention rows that gave NaN gradients in
+    Left padding (IPEX-LLM's example's) leaves fully masked attention rows that gave NaN gradients in
     SDPA's cuDNN backward on an H200; right padding puts every query after its own tokens.
     Padding-free packs a micro-batch into one row with position_ids restarting per example;
     transformers turns those position ids into a block-diagonal mask for sdpa and into

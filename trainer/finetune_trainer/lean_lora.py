@@ -1,10 +1,10 @@
-"""peft's LoRA linear forward without its per-adapter fp32 round trip (issue 7).
+"""peft's LoRA linear forward without its per-adapter fp32 round trip.
 
 peft keeps the adapter's weights in fp32 and, per adapter and per call, casts the input to
 fp32, applies dropout in fp32, and (under autocast) casts it back to bf16 for the matmul; then
 scales the adapter's output and adds it to the base output: five full-size elementwise
 kernels per projection, twice over with checkpointing, and as many in the backward. In the
-profile of a packed DPO micro-batch under CUDA graphs (H200, fifth session) elementwise work
+profile of a packed DPO micro-batch under CUDA graphs (H200, benchmarks/README.md) elementwise work
 was a third of the GPU time, and most of it was this.
 
 `install(model)` gives every plain peft `lora.Linear` a forward that, under autocast, does

@@ -56,9 +56,9 @@ def _hub_kwargs(config: ResolvedConfig) -> dict[str, Any]:
 
 
 def load_tokenizer(config: ResolvedConfig) -> Any:
-    """The model's tokenizer, with a pad token the way the seed recipe sets one.
+    """The model's tokenizer, with a pad token the way IPEX-LLM's alpaca example sets one.
 
-    The seed sets pad_token_id = 0 (Llama's <unk>) so padding differs from EOS, which the
+    That example sets pad_token_id = 0 (Llama's <unk>) so padding differs from EOS, which the
     model must learn to emit; without an unk token, EOS it is. Padding is on the right.
     """
     from transformers import AutoTokenizer
@@ -178,7 +178,7 @@ def prepare_model(config: ResolvedConfig, device: DeviceInfo) -> Any:
 
     model = load_base_model(config, device)
     if config.quantization is not None:
-        # Casts norms to fp32 and makes inputs require grad, as the seed recipe does.
+        # Casts norms to fp32 and makes inputs require grad, as IPEX-LLM's QLoRA example does.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )

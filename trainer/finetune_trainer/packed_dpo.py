@@ -1,4 +1,4 @@
-"""Padding-free DPO on TRL's DPOTrainer: what TRL lacks today, and nothing else (issue 7).
+"""Padding-free DPO on TRL's DPOTrainer: what TRL lacks today, and nothing else.
 
 TRL's DPOTrainer pads the chosen and rejected sequences of a micro-batch to the longest of
 them (its own `padding_free` switch is disabled "after a refactor", TRL 1.x), so with
@@ -182,7 +182,7 @@ def sequence_logps(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     # Per-sequence sums through a one-hot mask and a column sum, not index_add: on CUDA
     # index_add adds with atomics in no fixed order, so the reference and the policy pass,
     # identical at step 1, summed differently and the margin was not zero (measured: the loss
-    # 6e-5 off log 2, sixth session). torch's reduction sums in a fixed order; not a matmul,
+    # 6e-5 off log 2). torch's reduction sums in a fixed order; not a matmul,
     # which TF32 would round. The mask is labels x 2B.
     one_hot = F.one_hot(segments, inputs["sequence_ids"].numel()).to(token_logps.dtype)
     return (token_logps.unsqueeze(1) * one_hot).sum(0)

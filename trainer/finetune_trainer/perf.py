@@ -1,4 +1,4 @@
-"""Performance switches for the trainer, as library calls (issue 7).
+"""Performance switches for the trainer, as library calls.
 
 Each switch is exact (same loss and gradient up to bf16 rounding) unless its doc says otherwise.
 The trainer (train.py) adopts them like this (alpaca methods; DPO: `packed_dpo`):
@@ -26,7 +26,7 @@ exactly this).
 What each does, and why:
 
 * Padding-free packing (`PackingCollator`): a micro-batch's examples are laid end to end in
-  rows of at most `row_tokens` tokens (one row at the seed's micro-batch 2), position ids
+  rows of at most `row_tokens` tokens (one row at the default micro-batch 2), position ids
   restart at 0 for each example, and a 4D block-diagonal causal mask keeps attention inside
   each example. The first label of every example is IGNORE_INDEX, so the last token of one
   example never learns to predict the first token of the next. Row lengths are rounded up to
@@ -199,7 +199,7 @@ def training_argument_overrides(device_kind: str, optimizer: str = "adamw_torch"
 def trim_repeated_host_work(trainer: Any) -> Any:
     """Work transformers' Trainer repeats every micro-batch, done once: exact, same values.
 
-    Profiled on an H200 with the 7B-shaped LoRA model at micro-batch 2 (cProfile, session 4,
+    Profiled on an H200 with the 7B-shaped LoRA model at micro-batch 2 (cProfile,
     benchmarks/README.md): `Trainer.floating_point_ops` recounts the parameters (a walk over
     every module) and `training_step` calls `model.train()` (another walk, ~2,700 modules),
     together ~70 ms of Python per micro-batch under the profiler: more than the GPU's work
@@ -339,11 +339,10 @@ class PerfOptions:
         """packed_dpo's switches. Under graphs (where `dpo_graphs_fit`): the layers eager
         inside them, with Liger's RMSNorm/SwiGLU/RoPE where installed and peft's LoRA forward
         without its fp32 round trip (`lean_lora`), checkpointed inside when asked; the
-        reference pass replays the policy's graph (`GraphedLayers.reference_pass`). Measured
-        on an H200: 3.23-3.37x plain TRL within its memory (benchmarks/README.md, sixth
-        session). Eager, not compiled: compiled inside the graphs was within tolerance at
-        step 1, but its later losses part from every other path's, not understood yet (fifth
-        session). Without graphs: nothing (the eager packed path, measured)."""
+        reference pass replays the policy's graph (`GraphedLayers.reference_pass`); speed and
+        memory against plain TRL in benchmarks/README.md. Eager, not compiled: compiled
+        inside the graphs was within tolerance at step 1, but its later losses parted from
+        every other path's. Without graphs: nothing (the eager packed path, measured)."""
         if not fused_kernels or device_kind != "cuda" or not cuda_graphs:
             return cls(compile_layers=False, liger_loss=False, liger_layers=False)
         return cls(
@@ -384,7 +383,7 @@ def graphs_fit(
 
 
 # DPO under CUDA graphs: rows of exactly this many tokens, so a micro-batch's shape is its row
-# count: a few graph sets. Measured on an H200 (benchmarks/README.md, fifth session): attention
+# count: a few graph sets. Measured on an H200 (benchmarks/README.md): attention
 # over rows of 4096 took 2.8x the time of rows of 1024 for the same tokens. A micro-batch with
 # a longer sequence has rows of that length rounded up to DPO_GRAPH_ROW_BUCKET (rows of 1536
 # for DPO's max_length 1536, not of 2048: the widest set sets the peak memory).

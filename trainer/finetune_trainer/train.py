@@ -69,7 +69,7 @@ class RunResult:
 MEMORY_FRACTION = 0.8
 # Where no memory is measured (CPU; DPO, whose chosen+rejected pairs the probe does not
 # model): the largest micro-batch up to this that divides the per-rank share. 4 is DPO's
-# default micro-batch (4 pairs = 8 sequences), a size the seed recipe runs on any device.
+# default micro-batch (4 pairs = 8 sequences), a size IPEX-LLM's DPO example runs on any device.
 RULE_LIMIT = 4
 # With auto on CUDA and padding-free, packed rows hold up to this many tokens (at least one
 # example at cutoff), as in the benchmark's ours-auto: a large micro-batch in a single row
@@ -325,7 +325,7 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         "log_level_replica": "error",
     }
     if device.kind == "cuda" and config.method is not Method.DPO:
-        # issue 7 (benchmarks/README.md): no host syncs inside the accumulation loop (tokens
+        # As measured (benchmarks/README.md): no host syncs inside the accumulation loop (tokens
         # are counted on the host instead, see build_trainer), pinned non-blocking batches,
         # fused AdamW; Liger is applied by perf.optimize_model, as measured.
         common |= perf.training_argument_overrides(device.kind, config.optimizer)
@@ -403,8 +403,8 @@ def build_trainer(
         from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
 
         # paddingFree: packed rows and TRL's loss without its per-micro-batch host reads
-        # (packed_dpo; exact); on one CUDA GPU under CUDA graphs of the decoder stack (issue 7,
-        # benchmarks/README.md), checkpointed inside them when asked, not by the model.
+        # (packed_dpo; exact); on one CUDA GPU under CUDA graphs of the decoder stack
+        # (benchmarks/README.md), checkpointed inside them when asked, not by the model.
         assert config.dpo is not None
         packed = config.padding_free
         graphs = packed and perf.dpo_graphs_fit(
@@ -468,7 +468,7 @@ def build_trainer(
         ),
     )
     if device.kind == "cuda":
-        # issue 7: compiled decoder layers (inside CUDA graphs of the whole stack where they
+        # Compiled decoder layers (inside CUDA graphs of the whole stack where they
         # fit) + Liger's fused linear cross-entropy (without graphs).
         model = perf.optimize_model(model, options)
     collator, inner = training_collator(config, device, tokenizer, options.cuda_graphs)
