@@ -76,7 +76,7 @@ class World:
 
 
 def _count(number: int, what: str) -> str:
-    return f"{number} {what}" + ("" if number == 1 else "s")
+    return f"{number} {what}" + ("" if number == 1 else "es" if what.endswith("s") else "s")
 
 
 def describe_world(config: ResolvedConfig, world: World) -> str:
