@@ -19,6 +19,8 @@ import yaml
 from local_cluster import DEV_CLUSTER, REPO_ROOT, Cluster, set_pod_phase, unique_name, wait_for
 from operator_fixtures import Ftj, OperatorProcess, xpu_job
 
+from finetune_operator.settings import FIELD_MANAGER
+
 pytestmark = pytest.mark.e2e
 
 KUEUE = ("kueue.x-k8s.io", "v1beta2")
@@ -76,6 +78,15 @@ def queued_job(name: str, queue: str, priority: str | None = None) -> dict[str, 
     return manifest
 
 
+def suspend_owners(job: Any) -> set[str]:
+    """The field managers that own the Job's spec.suspend (server-side apply bookkeeping)."""
+    return {
+        entry.manager
+        for entry in job.metadata.managed_fields or []
+        if "f:suspend" in ((entry.fields_v1 or {}).get("f:spec") or {})
+    }
+
+
 def worker_job(ftj: Ftj, name: str) -> Any:
     jobs = ftj.jobs(name)
     assert len(jobs) == 1, [j.metadata.name for j in jobs]
@@ -113,6 +124,9 @@ def test_the_second_job_waits_in_the_queue_then_runs(
     assert admitted.spec.template.spec.node_selector.get(FLAVOR_NODE_LABEL) == "Max_Series"
     assert ftj.condition(first, "Queued")["reason"] == "Admitted"
     assert len(ftj.pods(first)) == 4
+    # Kueue, not the operator, owns the switch; and the operator's applies were accepted.
+    assert FIELD_MANAGER not in suspend_owners(admitted)
+    assert ftj.condition(first, "Created")["reason"] == "ObjectsCreated"
 
     assert ftj.apply(queued_job(second, queue)).returncode == 0
     status = ftj.wait_phase(second, "Queued", timeout=60)
