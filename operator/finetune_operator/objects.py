@@ -243,6 +243,8 @@ def _env(job: JobRef, spec: FinetuneJobSpec, resolved: ResolvedConfig) -> list[O
     device_env = {Device.XPU: XPU_ENV, Device.CUDA: CUDA_ENV}.get(resolved.device, {})
     env += [{"name": key, "value": value} for key, value in device_env.items()]
     if spec.hf_token_secret is not None:
+        # the Secret's name (not its value): a hub refusal names where the token came from
+        env.append({"name": "FINETUNE_HF_TOKEN_SECRET", "value": spec.hf_token_secret.name})
         env.append(
             {
                 "name": "HF_TOKEN",
