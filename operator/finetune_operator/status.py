@@ -44,6 +44,8 @@ class Reason(str, Enum):
     DEVICES_COUNTED = "DevicesCounted"
     INVALID_SPEC = "InvalidSpec"
     BATCH_RULE = "BatchRule"
+    # the hub refused the model or data set (gated, not found, no such revision)
+    HUB_REFUSED = "HubRefused"
     # Created
     OBJECTS_CREATED = "ObjectsCreated"
     NOT_CREATED = "NotCreated"
@@ -438,7 +440,14 @@ def counted_message(report: RanksReport, planned_world: int, global_batch: int, 
 
 
 def refused_message(report: RanksReport) -> str:
-    """The Valid=False condition (and its Event) when the trainer refused the world started."""
+    """The Valid=False condition (and its Event) when the trainer refused the world started,
+    or the hub refused what the spec names."""
+    if report.reason == Reason.HUB_REFUSED.value:
+        return (
+            f"The hub refused what the spec names: {report.message} Nothing is restarted: after "
+            "fixing the id, the revision or the token's access, edit the spec (kubectl edit) and "
+            "the group restarts with it."
+        )
     return (
         f"The workers started {report.summary}, and the trainer refused to train: "
         f"{report.message} Nothing trains until the spec is changed (kubectl edit): the group "

@@ -295,7 +295,7 @@ def _train(config: Any) -> int:
         from finetune_trainer.data import DataError, SourceUnreachable
         from finetune_trainer.device import DeviceError
         from finetune_trainer.fetch import FetchError
-        from finetune_trainer.launch import start_world
+        from finetune_trainer.launch import report_refusal, start_world
         from finetune_trainer.model import ModelError
         from finetune_trainer.resume import SpecChanged
         from finetune_trainer.train import TrainingError, run
@@ -312,7 +312,10 @@ def _train(config: Any) -> int:
         except SourceUnreachable as error:
             return _fail(_one_line(error), FAILED)
         except FetchError as error:  # a refusal needs a changed spec or secret, not a retry
-            return _fail(_one_line(error), FAILED if error.retryable else BAD_INPUT)
+            if error.retryable:
+                return _fail(_one_line(error), FAILED)
+            report_refusal(config, "HubRefused", str(error))
+            return _fail(_one_line(error), BAD_INPUT)
     except (Stopped, KeyboardInterrupt) as stop:
         signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
         return _fail(_stop_line(signum, config.output_path), 128 + signum)

@@ -144,6 +144,27 @@ def start_world(config: ResolvedConfig, world: Any = None) -> ResolvedConfig:
     return reconciled
 
 
+def report_refusal(config: ResolvedConfig, reason: str, message: str) -> None:
+    """Rank 0 of a FinetuneJob: tell the operator why this group cannot train (`status.ranks`
+    with a reason), so it says so in a condition and an Event instead of restarting."""
+    from finetune_operator.objects import config_hash
+    from finetune_trainer.config import World, describe_world
+
+    world = World.from_env()
+    _report(
+        world,
+        {
+            "worldSize": world.world_size,
+            "workers": world.nodes,
+            "summary": describe_world(config, world),
+            "configHash": config_hash(config),
+            "reason": reason,
+            "message": message,
+            "gradientAccumulationSteps": None,
+        },
+    )
+
+
 def _report(world: Any, ranks: dict[str, Any]) -> None:
     """Rank 0 of a FinetuneJob: merge-patch status.ranks, and wait until it is sent (the
     refusal is followed by the process's exit)."""

@@ -31,7 +31,7 @@ from finetune_trainer.checks import preflight
 from finetune_trainer.config import World, check_batch_rule, format_table, reconcile_world
 from finetune_trainer.data import build_collator, build_datasets
 from finetune_trainer.device import OOM_ADVICE, DeviceInfo, importable, is_oom, select_device
-from finetune_trainer.fetch import FetchError, fetch_config_items
+from finetune_trainer.fetch import fetch_config_items
 from finetune_trainer.model import load_tokenizer, lora_config, prepare_model
 from finetune_trainer.progress import ProgressCallback, StatusPatcher, use_terminal_bar
 from finetune_trainer.resume import check_resume, remember_config
@@ -550,13 +550,8 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     job = os.environ.get("FINETUNE_JOB_NAME")
     if world.is_main and job:
         patcher = StatusPatcher(job, os.environ.get("FINETUNE_JOB_NAMESPACE", "default"))
-    try:  # hub ids -> one local copy per job: rank 0 fetches, every other rank waits for it
-        config = fetch_config_items(config, world.is_main)
-    except FetchError as error:
-        if patcher is not None:
-            patcher.report({"fetch": {"error": str(error), "retryable": error.retryable}})
-            patcher.close()
-        raise
+    # hub ids -> one local copy per job: rank 0 fetches, every other rank waits for it
+    config = fetch_config_items(config, world.is_main)
     progress = ProgressCallback(output, patcher)
     callbacks = [progress, CheckpointMarker(progress.on_checkpoint_complete), *_test_hooks()]
     trainer, tokenizer, config = build_trainer(config, device, world, callbacks)
