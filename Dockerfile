@@ -12,7 +12,8 @@
 # trainer:  the Intel GPU user-space runtime (Level Zero, the compute runtime) on Debian, and
 #           upstream PyTorch from the index of the chosen DEVICE (xpu: PyTorch's own XPU wheels,
 #           with the oneAPI runtime and the xccl collectives inside; cuda; cpu), then the
-#           `trainer` extra. The pods run `torchrun ... -m finetune_trainer --config ...`.
+#           `trainer` extra. The pods run `python -m finetune_trainer.launch ... --config ...`,
+#           which starts a rank per visible device through torchrun.
 # Both run as uid/gid 1000 with a read-only root filesystem in mind (HOME=/tmp).
 # tests/unit/test_dockerfile.py checks that the install steps use the extras of pyproject.toml.
 
