@@ -19,7 +19,7 @@
 No kopf timers or daemons: they would put a finalizer on every FinetuneJob, and deleting one
 would then hang while the operator is down. kopf keeps its own bookkeeping (if any) in
 `finetune.dev/*` annotations, never in status; handlers return nothing. Several replicas: a
-Lease (`leader.py`) lets exactly one run kopf.
+Lease (`controller/leader.py`) lets exactly one run kopf.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ import kopf
 
 from finetune_operator import metrics
 from finetune_operator.api import API_VERSION, GROUP, KIND, Phase
-from finetune_operator.cache import WATCHED, Store, fill, job_key
-from finetune_operator.kube import Kube
-from finetune_operator.leader import LeaderElector, default_identity
+from finetune_operator.controller.cache import WATCHED, Store, fill, job_key
+from finetune_operator.controller.kube import Kube
+from finetune_operator.controller.leader import LeaderElector, default_identity
+from finetune_operator.controller.workqueue import WorkQueue
 from finetune_operator.objects import JOB_NAME_LABEL
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger("finetune_operator")
 
@@ -337,7 +337,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
-    settings.peering.standalone = True  # one replica acts: the Lease (leader.py) decides
+    settings.peering.standalone = True  # one replica acts: controller/leader.py decides
     # No cluster-wide scans of CRDs and namespaces: the watched namespaces are named (or all)
     # and the CRD is installed before the operator, so the RBAC stays namespaced.
     settings.scanning.disabled = True

@@ -47,8 +47,8 @@ from typing import Any
 
 from finetune_operator import metrics
 from finetune_operator.api import API_VERSION, KIND, ConditionType, FinetuneJobSpec, Phase
-from finetune_operator.cache import Store
-from finetune_operator.kube import Kube, KubeError
+from finetune_operator.controller.cache import Store
+from finetune_operator.controller.kube import Kube, KubeError
 from finetune_operator.objects import (
     DesiredObjects,
     JobRef,

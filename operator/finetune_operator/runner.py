@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.kube import Kube, KubeError
+from finetune_operator.controller.kube import Kube, KubeError
 from finetune_operator.objects import JOB_NAME_LABEL
 
 log = logging.getLogger("finetune_operator.runner")

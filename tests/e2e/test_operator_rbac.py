@@ -28,7 +28,7 @@ from operator_fixtures import (
     xpu_job,
 )
 
-from finetune_operator.leader import LEASE_NAME
+from finetune_operator.controller.leader import LEASE_NAME
 from finetune_operator.rbac import LEADER_ELECTION_RULES, RULES
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_operator.cache import Store, fill, job_key, trim
+from finetune_operator.controller.cache import Store, fill, job_key, trim
 from finetune_operator.status import pod_view
 
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from finetune_operator.api import API_VERSION, KIND
-from finetune_operator.cache import Store, fill
 from finetune_operator.cli import render
-from finetune_operator.kube import _RESOURCES, Kube, KubeError
+from finetune_operator.controller.cache import Store, fill
+from finetune_operator.controller.kube import _RESOURCES, Kube, KubeError
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.kube import is_subset
-from finetune_operator.leader import lease_is_free
+from finetune_operator.controller.kube import is_subset
+from finetune_operator.controller.leader import lease_is_free
 from finetune_operator.main import parse_args
 from finetune_operator.metrics import count_phases
 from finetune_operator.objects import JobRef, build_desired_objects

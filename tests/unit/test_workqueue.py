@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 
-from finetune_operator.workqueue import WorkQueue
+from finetune_operator.controller.workqueue import WorkQueue
 
 
 def test_a_waiting_key_is_queued_once() -> None:

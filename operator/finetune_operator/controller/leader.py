@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from finetune_operator.kube import Kube, KubeError
+from finetune_operator.controller.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
 

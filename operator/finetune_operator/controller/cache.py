@@ -36,7 +36,7 @@ from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from finetune_operator.objects import JOB_NAME_LABEL
 
 if TYPE_CHECKING:
-    from finetune_operator.kube import Kube
+    from finetune_operator.controller.kube import Kube
 
 Obj = dict[str, Any]
 Key = tuple[str, str, str, str]  # apiVersion, kind, namespace, name
