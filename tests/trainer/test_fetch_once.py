@@ -25,6 +25,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
     source = tmp_path_factory.mktemp("hub")
     make_tiny_model(source / "model")
+    (source / "model" / "pytorch_model.bin").write_bytes(b"the same weights, pickled")
     (source / "data").mkdir()
     shutil.copy(REPO / "trainer/finetune_trainer/examples/tiny-alpaca.json", source / "data")
     with Hub() as server:
@@ -61,6 +62,7 @@ def test_two_processes_request_each_file_once(hub: Hub, tmp_path: Path) -> None:
     train(_job(tmp_path), output, nproc=2, env=_env(hub, tmp_path))
     gets = hub.file_gets()
     assert gets and set(gets.values()) == {1}, gets
+    assert not any(path.endswith(".bin") for path in gets)  # safetensors are there
     assert {p.name.split("--")[0] for p in _copies(output)} == {"models", "datasets"}
     assert all((p / ".fetch-complete").exists() for p in _copies(output))
 

@@ -108,6 +108,7 @@ def _download(
     download = download or snapshot_download
     for name in ("httpx", "httpx2"):  # a line per HTTP request is noise in a worker's log
         logging.getLogger(name).setLevel(logging.WARNING)
+    ignore = _unused_weight_files(item, token)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     started = time.monotonic()
     delay = 2.0
@@ -120,6 +121,7 @@ def _download(
                 revision=item.revision,
                 local_dir=str(partial),
                 token=token,
+                ignore_patterns=ignore,
             )
             break
         except Exception as error:
@@ -135,6 +137,25 @@ def _download(
     partial.rename(target)
     (target / COMPLETE).write_text(json.dumps({"repo": item.repo_id, "revision": item.revision}))
     log.info("fetched %s %s into %s", item.repo_type, item.repo_id, target)
+
+
+# Other serialisations of the same weights: transformers loads safetensors where a model has
+# them, so a Llama-2-7B repository is 13 GB to fetch instead of 27 GB.
+OTHER_WEIGHT_FORMATS = ["*.bin", "*.pth", "*.pt", "*.h5", "*.msgpack", "*.ckpt", "original/*"]
+
+
+def _unused_weight_files(item: HubItem, token: str | None) -> list[str] | None:
+    """Patterns to leave out of a model's download: the other weight formats, where the
+    repository has safetensors. None where it cannot be listed (the download then says why)."""
+    if item.repo_type != "model":
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        files = HfApi().list_repo_files(item.repo_id, revision=item.revision, token=token)
+    except Exception:
+        return None
+    return OTHER_WEIGHT_FORMATS if any(f.endswith(".safetensors") for f in files) else None
 
 
 def _wait_for(target: Path, item: HubItem) -> Path:
