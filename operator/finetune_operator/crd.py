@@ -198,6 +198,8 @@ def crd() -> Schema:
         {"name": "Method", "type": "string", "jsonPath": ".spec.method", "priority": 1},
         {"name": "Model", "type": "string", "jsonPath": ".spec.model.name", "priority": 1},
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+        # the ranks the workers started (a rank per visible device: a Max card's two stacks)
+        {"name": "World", "type": "integer", "jsonPath": ".status.worldSize", "priority": 1},
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
