@@ -24,13 +24,11 @@ Lease (`controller/leader.py`) lets exactly one run kopf.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -39,154 +37,15 @@ from finetune_operator import metrics
 from finetune_operator.api import API_VERSION, GROUP, KIND, Phase
 from finetune_operator.controller.cache import WATCHED, Store, fill, job_key
 from finetune_operator.controller.kube import Kube
-from finetune_operator.controller.leader import LeaderElector, default_identity
+from finetune_operator.controller.leader import LeaderElector
 from finetune_operator.controller.workqueue import WorkQueue
 from finetune_operator.objects import JOB_NAME_LABEL
 from finetune_operator.reconcile import Reconciler
-from finetune_operator.settings import OperatorSettings
+from finetune_operator.settings import RunConfig, parse_args
 
 log = logging.getLogger("finetune_operator")
 
 FINAL_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
-
-
-@dataclass
-class RunConfig:
-    settings: OperatorSettings
-    clusterwide: bool
-    worker_limit: int = 8
-    qps: float = 20.0
-    resync_seconds: float = 30.0
-    relist_seconds: float = 600.0
-    metrics_port: int = 8080
-    log_format: str = "text"
-    log_level: str = "INFO"
-    leader_elect: bool = True
-    lease_namespace: str = "default"
-    lease_duration: int = 15
-    replace_grace_seconds: float = 120.0
-    identity: str = field(default_factory=default_identity)
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
-
-
-def parse_args(argv: Sequence[str]) -> RunConfig:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="finetune-operator run",
-        description="Run the FinetuneJob operator. Every flag has an FTO_* environment twin.",
-    )
-    parser.add_argument(
-        "--namespace",
-        "-n",
-        action="append",
-        default=None,
-        help="namespace to watch (repeat, or comma-separated; env FTO_NAMESPACES). "
-        "Default: all namespaces.",
-    )
-    parser.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
-    parser.add_argument(
-        "--trainer-image", default=env("FTO_TRAINER_IMAGE"), help="default trainer image"
-    )
-    parser.add_argument(
-        "--xpu-resource",
-        default=env("FTO_XPU_RESOURCE"),
-        help="default device resource for device xpu (e.g. gpu.intel.com/xe)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        default=env("FTO_LOG_FORMAT", "text"),
-        help="log lines as text or JSON (env FTO_LOG_FORMAT)",
-    )
-    parser.add_argument("--log-level", default=env("FTO_LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("FTO_METRICS_PORT", "8080")),
-        help="Prometheus /metrics port; 0 turns it off (env FTO_METRICS_PORT)",
-    )
-    parser.add_argument(
-        "--worker-limit",
-        type=int,
-        default=int(env("FTO_WORKER_LIMIT", "8")),
-        help="reconcile worker threads: FinetuneJobs reconciled at once (env FTO_WORKER_LIMIT)",
-    )
-    parser.add_argument(
-        "--qps",
-        type=float,
-        default=float(env("FTO_API_QPS", "20")),
-        help="most API requests a second the reconciler sends (env FTO_API_QPS)",
-    )
-    parser.add_argument(
-        "--resync-seconds",
-        type=float,
-        default=float(env("FTO_RESYNC_SECONDS", "30")),
-        help="reconcile every FinetuneJob not yet finished at least this often, from the "
-        "cache (env FTO_RESYNC_SECONDS)",
-    )
-    parser.add_argument(
-        "--relist-seconds",
-        type=float,
-        default=float(env("FTO_RELIST_SECONDS", "600")),
-        help="re-LIST every watched kind into the cache this often, a safety net against "
-        "missed watch events; 0: never (env FTO_RELIST_SECONDS)",
-    )
-    parser.add_argument(
-        "--leader-elect",
-        action=argparse.BooleanOptionalAction,
-        default=_env_bool("FTO_LEADER_ELECT", True),
-        help="hold a Lease so that only one replica acts (env FTO_LEADER_ELECT)",
-    )
-    parser.add_argument(
-        "--leader-election-namespace",
-        default=env("FTO_LEADER_ELECTION_NAMESPACE") or env("POD_NAMESPACE"),
-        help="namespace of the Lease (default: the pod's, else the first watched, else default)",
-    )
-    parser.add_argument("--lease-duration", type=int, default=int(env("FTO_LEASE_DURATION", "15")))
-    parser.add_argument(
-        "--replace-grace-seconds",
-        type=float,
-        default=float(env("FTO_REPLACE_GRACE_SECONDS", "120")),
-        help="how long a replaced worker group may take to go before its Job is let go and "
-        "its pods orphaned (pods stuck Terminating on an unreachable node)",
-    )
-    parser.add_argument("--identity", default=None, help="replica identity (default: pod name)")
-    args = parser.parse_args(list(argv))
-
-    base = OperatorSettings.from_env()
-    namespaces = list(base.namespaces)
-    for item in args.namespace or []:
-        namespaces += [n.strip() for n in item.split(",") if n.strip()]
-    clusterwide = args.all_namespaces or not namespaces
-    overrides: dict[str, Any] = {"namespaces": () if clusterwide else tuple(namespaces)}
-    if args.trainer_image:
-        overrides["trainer_image"] = args.trainer_image
-    if args.xpu_resource:
-        overrides["device_resources"] = {**base.device_resources, "xpu": args.xpu_resource}
-    settings = replace(base, **overrides)
-    lease_namespace = args.leader_election_namespace or (
-        settings.namespaces[0] if settings.namespaces else "default"
-    )
-    return RunConfig(
-        settings=settings,
-        clusterwide=clusterwide,
-        worker_limit=max(1, args.worker_limit),
-        qps=args.qps,
-        resync_seconds=args.resync_seconds,
-        relist_seconds=args.relist_seconds,
-        metrics_port=args.metrics_port,
-        log_format=args.log_format,
-        log_level=args.log_level.upper(),
-        leader_elect=args.leader_elect,
-        lease_namespace=lease_namespace,
-        lease_duration=args.lease_duration,
-        replace_grace_seconds=args.replace_grace_seconds,
-        identity=args.identity or default_identity(),
-    )
 
 
 # -- the running operator's state: set once by run(), used by the handlers and threads --------

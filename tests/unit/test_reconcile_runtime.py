@@ -14,12 +14,11 @@ import pytest
 
 from finetune_operator.controller.kube import is_subset
 from finetune_operator.controller.leader import lease_is_free
-from finetune_operator.main import parse_args
 from finetune_operator.metrics import count_phases
 from finetune_operator.objects import JobRef, build_desired_objects
 from finetune_operator.resolve import parse_spec, resolve
 from finetune_operator.runner import Runner, expand, field_value, map_paths
-from finetune_operator.settings import OperatorSettings
+from finetune_operator.settings import OperatorSettings, parse_args
 
 # -- flags and env ------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,15 +19,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from finetune_operator.controller.kube import Kube, KubeError
+from finetune_operator.settings import default_identity
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "finetune-operator"
-
-
-def default_identity() -> str:
-    """Unique per replica: the pod name in a cluster, host and pid elsewhere."""
-    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _micro_time(moment: datetime) -> str:
