@@ -10,15 +10,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import yaml
-from trainer_helpers import job
+from trainer_helpers import StandInApi, job
 
 from finetune_operator.objects import config_hash
 from finetune_operator.resolve import ResolvedConfig, resolve_manifest
@@ -26,42 +24,11 @@ from finetune_operator.resolve import ResolvedConfig, resolve_manifest
 pytest.importorskip("kubernetes")
 
 
-class _Api(BaseHTTPRequestHandler):
-    patches: ClassVar[list[dict[str, Any]]] = []
-
-    def do_PATCH(self) -> None:
-        self.patches.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def kubeconfig(tmp_path: Path) -> Iterator[Path]:
-    _Api.patches = []
-    server = HTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}
-                ],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    yield path
-    server.shutdown()
+def api(tmp_path: Path) -> Iterator[StandInApi]:
+    server = StandInApi(tmp_path)
+    yield server
+    server.close()
 
 
 def _config(tmp_path: Path, **spec: Any) -> tuple[Path, ResolvedConfig]:
@@ -79,7 +46,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _pods(config: Path, kubeconfig: Path, stacks: int, workers: int = 2) -> list[int]:
+def _pods(config: Path, api: StandInApi, stacks: int, workers: int = 2) -> list[int]:
     """Every worker pod's command, as the operator writes it, each with `stacks` devices seen."""
     port = _free_port()
     env = {
@@ -88,7 +55,7 @@ def _pods(config: Path, kubeconfig: Path, stacks: int, workers: int = 2) -> list
         "FINETUNE_FAKE_DEVICE_COUNT": str(stacks),
         "FINETUNE_JOB_NAME": "stacks",
         "FINETUNE_JOB_NAMESPACE": "ns",
-        "KUBECONFIG": str(kubeconfig),
+        "KUBECONFIG": str(api.kubeconfig),
     }
     env.pop("KUBERNETES_SERVICE_HOST", None)
     pods = [
@@ -111,12 +78,12 @@ def _pods(config: Path, kubeconfig: Path, stacks: int, workers: int = 2) -> list
     return [pod.wait(timeout=600) for pod in pods]
 
 
-def _ranks_reports() -> list[dict[str, Any]]:
-    return [p["status"]["ranks"] for p in _Api.patches if "ranks" in p.get("status", {})]
+def _ranks_reports(api: StandInApi) -> list[dict[str, Any]]:
+    return [p["status"]["ranks"] for p in api.patches if "ranks" in p.get("status", {})]
 
 
 def test_two_stack_cards_start_twice_the_ranks_and_keep_the_global_batch(
-    tmp_path: Path, kubeconfig: Path
+    tmp_path: Path, api: StandInApi
 ) -> None:
     path, config = _config(
         tmp_path,
@@ -126,9 +93,9 @@ def test_two_stack_cards_start_twice_the_ranks_and_keep_the_global_batch(
     )
     assert config.world_size == 2 and config.gradient_accumulation_steps == 2
 
-    assert _pods(path, kubeconfig, stacks=2) == [0, 0]
+    assert _pods(path, api, stacks=2) == [0, 0]
 
-    [report] = _ranks_reports()
+    [report] = _ranks_reports(api)
     assert report["worldSize"] == 4 and report["workers"] == 2
     assert report["summary"] == "2 workers x 1 card x 2 stacks = 4 ranks"
     assert report["gradientAccumulationSteps"] == 1  # 8 = micro 2 x 1 x 4 ranks
@@ -141,7 +108,7 @@ def test_two_stack_cards_start_twice_the_ranks_and_keep_the_global_batch(
 
 
 def test_a_world_that_does_not_divide_the_global_batch_is_refused_before_training(
-    tmp_path: Path, kubeconfig: Path
+    tmp_path: Path, api: StandInApi
 ) -> None:
     # 6 = micro 1 x accumulation 3 x 2 ranks as the spec says, but 2-stack cards make 4 ranks
     path, config = _config(
@@ -152,25 +119,25 @@ def test_a_world_that_does_not_divide_the_global_batch_is_refused_before_trainin
     )
     assert config.gradient_accumulation_steps == 3
 
-    codes = _pods(path, kubeconfig, stacks=2)
+    codes = _pods(path, api, stacks=2)
 
     assert all(code != 0 for code in codes)
-    [report] = _ranks_reports()
+    [report] = _ranks_reports(api)
     assert report["reason"] == "BatchRule" and report["worldSize"] == 4
     assert report["gradientAccumulationSteps"] is None
     assert report["configHash"] == config_hash(config)
     assert not (tmp_path / "out").exists()  # nothing loaded, nothing written
-    assert not [p for p in _Api.patches if "progress" in p.get("status", {})]
+    assert not [p for p in api.patches if "progress" in p.get("status", {})]
 
 
-def test_single_stack_cards_start_one_rank_per_card(tmp_path: Path, kubeconfig: Path) -> None:
+def test_single_stack_cards_start_one_rank_per_card(tmp_path: Path, api: StandInApi) -> None:
     path, _ = _config(
         tmp_path,
         workers=2,
         devicesPerWorker=1,
         **{"training.globalBatchSize": 8, "training.microBatchSize": 2, "training.maxSteps": 1},
     )
-    assert _pods(path, kubeconfig, stacks=1) == [0, 0]
-    [report] = _ranks_reports()
+    assert _pods(path, api, stacks=1) == [0, 0]
+    [report] = _ranks_reports(api)
     assert report["worldSize"] == 2 and report["gradientAccumulationSteps"] == 2
     assert report["summary"] == "2 workers x 1 card = 2 ranks"

@@ -22,6 +22,7 @@ import pytest
 import torch
 from trainer_helpers import tiny_llama
 
+from finetune_operator.api import DEFAULT_TARGET_MODULES
 from finetune_trainer import perf
 
 SLACK = 0.1  # of the reference's loss drop over the first update
@@ -38,14 +39,8 @@ class Steps:
 
 
 def _base_model() -> Any:
-    model = tiny_llama(
-        vocab_size=512,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    )
+    wider = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8}
+    model = tiny_llama(vocab_size=512, num_key_value_heads=4, **wider)
     for parameter in model.parameters():  # the same weights in bf16 and fp32
         parameter.data = parameter.data.to(torch.bfloat16).float()
     return model
@@ -71,15 +66,7 @@ def _two_steps(base: Any, bf16: bool, compiled: bool) -> Steps:
             r=8,
             lora_alpha=16,
             lora_dropout=0.0,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            target_modules=list(DEFAULT_TARGET_MODULES),
             task_type="CAUSAL_LM",
         ),
     )

@@ -2,63 +2,28 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
+from trainer_helpers import StandInApi
 
 from finetune_trainer.progress import StatusPatcher
 
 pytest.importorskip("kubernetes")
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    calls: ClassVar[list[dict[str, Any]]] = []
-    status_code = 200
-
-    def do_PATCH(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.calls.append({"path": self.path, "type": self.headers["Content-Type"], "body": body})
-        self.send_response(self.status_code)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_Recorder]]:
-    _Recorder.calls = []
-    server = HTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}
-                ],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInApi]:
+    server = StandInApi(tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    yield _Recorder
-    server.shutdown()
+    yield server
+    server.close()
 
 
-def test_progress_merge_patches_the_status_subresource(api: type[_Recorder]) -> None:
+def test_progress_merge_patches_the_status_subresource(api: StandInApi) -> None:
     patcher = StatusPatcher("tiny", "team-a", interval=0.05)
     patcher.report({"progress": {"step": 3, "maxSteps": 20, "summary": "3/20", "loss": 4.2}})
     patcher.report({"checkpoint": {"latest": "/output/checkpoint-2", "step": 2}})
@@ -74,7 +39,7 @@ def test_progress_merge_patches_the_status_subresource(api: type[_Recorder]) -> 
     assert merged["checkpoint"]["step"] == 2
 
 
-def test_api_errors_do_not_raise(api: type[_Recorder]) -> None:
+def test_api_errors_do_not_raise(api: StandInApi) -> None:
     api.status_code = 500
     try:
         patcher = StatusPatcher("tiny", "team-a", interval=0.05)

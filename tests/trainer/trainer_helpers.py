@@ -113,3 +113,55 @@ def examples(n: int, seed: int = 1, low: int = 5, high: int = 40) -> list[dict[s
 def rel(a: Any, b: Any) -> float:
     """||a - b|| / ||b||."""
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class StandInApi:
+    """A stand-in Kubernetes API server on 127.0.0.1 that records every PATCH (path, content
+    type, body) and answers `status_code`; `kubeconfig` points a client at it."""
+
+    def __init__(self, directory: Path, status_code: int = 200) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        self.calls: list[dict[str, Any]] = []
+        self.status_code = status_code
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PATCH(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.calls.append(
+                    {"path": self.path, "type": self.headers["Content-Type"], "body": body}
+                )
+                self.send_response(api.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.kubeconfig = directory / "kubeconfig"
+        cluster = {"server": f"http://127.0.0.1:{self.server.server_port}"}
+        self.kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": cluster}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+
+    @property
+    def patches(self) -> list[dict[str, Any]]:
+        return [call["body"] for call in self.calls]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
