@@ -100,6 +100,30 @@ def test_qlora_two_processes(tmp_path: Path) -> None:
     _adapter_loads(output / "adapter", "bundled://tiny-llama")
 
 
+def test_full_fine_tuning_two_processes(tmp_path: Path) -> None:
+    """method full: every weight trained under plain DDP (gloo), the whole model saved."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from finetune_trainer.tiny import ensure_tiny_model
+
+    spec = job(tmp_path / "job.yaml", **{"method": "full", "training.learningRate": 0.001})
+    manifest = yaml.safe_load(spec.read_text())
+    manifest["spec"].pop("lora")  # no adapter: the example's LoRA settings do not apply
+    spec.write_text(yaml.safe_dump(manifest))
+    output = tmp_path / "out"
+    train(spec, output, nproc=2)
+
+    steps = losses(output)
+    assert steps[max(steps)] < steps[min(steps)]
+    assert json.loads((output / "COMPLETE").read_text())["method"] == "full"
+    trained = load_file(str(output / "model" / "model.safetensors"))
+    base = load_file(str(ensure_tiny_model() / "model.safetensors"))
+    assert trained.keys() == base.keys()
+    changed = [name for name in base if not (trained[name] == base[name]).all()]
+    assert len(changed) == len(base)  # every tensor moved, embeddings and norms included
+
+
 def test_dpo_two_processes(tmp_path: Path) -> None:
     output = tmp_path / "out"
     spec = {
