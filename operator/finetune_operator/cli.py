@@ -1,4 +1,4 @@
-"""`finetune-operator`: crd | render FILE | rbac | run | run-pods."""
+"""`finetune-operator`: crd | render FILE | rbac | run."""
 
 from __future__ import annotations
 
@@ -62,11 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         help="the rules for the leader-election Lease instead (files/leader-election-rules.yaml)",
     )
     commands.add_parser("run", help="run the operator (kopf)", add_help=False)
-    commands.add_parser(
-        "run-pods",
-        help="run the containers of simulated worker pods as local processes (tests)",
-        add_help=False,
-    )
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "crd":
@@ -77,10 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(rules_yaml(leader_election=args.leader_election))
         return 0
-    if args.command == "run-pods":
-        from finetune_operator.runner import main as run_pods
-
-        return run_pods(rest)
     if args.command == "render":
         settings = OperatorSettings.from_env()
         if args.image:

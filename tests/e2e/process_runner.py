@@ -1,6 +1,6 @@
 """A stand-in kubelet for the local control plane: runs worker pods' containers as local processes.
 
-`finetune-operator run-pods --namespace NS` (or `python -m finetune_operator.runner`) watches
+`python tests/e2e/process_runner.py --namespace NS` (with the project's Python) watches
 the pods in NS that carry `finetune.dev/job-name` and the simulation label the local cluster
 leaves to manual control (`finetune.dev/simulate=manual`, see hack/README.md), once the
 scheduler has bound them to a node. For each it does what a kubelet does, on this machine:
@@ -21,7 +21,8 @@ scheduler has bound them to a node. For each it does what a kubelet does, on thi
 
 The base environment is PATH (the runner's Python first), LANG, HOSTNAME (the pod's hostname)
 and KUBECONFIG (so the trainer's status reports reach the API server as they would in a pod);
-then the pod's env. Test-only: nothing in production uses it.
+then the pod's env. Test-only, and so outside the shipped package: the e2e tests
+(test_operator_runner.py) and hack/demo run it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any
 from finetune_operator.controller.kube import Kube, KubeError
 from finetune_operator.objects import JOB_NAME_LABEL
 
-log = logging.getLogger("finetune_operator.runner")
+log = logging.getLogger("process_runner")
 
 Obj = dict[str, Any]
 
@@ -386,7 +387,7 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune-operator run-pods", description=__doc__)
+    parser = argparse.ArgumentParser(prog="process_runner.py", description=__doc__)
     parser.add_argument("--namespace", "-n", required=True)
     parser.add_argument("--selector", default=f"{JOB_NAME_LABEL},{SIMULATE_SELECTOR}")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/finetune-runner"))

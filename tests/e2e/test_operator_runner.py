@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,6 @@ import pytest
 import yaml
 from local_cluster import REPO_ROOT, SIMULATE_LABEL, SIMULATE_MANUAL, Cluster, wait_for
 from operator_fixtures import (
-    OPERATOR,
     Ftj,
     OperatorProcess,
 )
@@ -38,8 +38,8 @@ def runner(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Path]:
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                str(OPERATOR),
-                "run-pods",
+                sys.executable,
+                str(Path(__file__).with_name("process_runner.py")),
                 "--namespace",
                 namespace,
                 "--workdir",
