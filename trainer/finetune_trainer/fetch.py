@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_trainer.checks import looks_local
 from finetune_trainer.tiny import BUNDLED_PREFIX
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ class HubItem:
 
 def is_hub_id(name: str) -> bool:
     """A hub id ("org/name" or "name"), not a bundled item or a path on this machine."""
-    if name.startswith(BUNDLED_PREFIX) or name.startswith((".", "/", "~")):
+    if name.startswith(BUNDLED_PREFIX) or looks_local(name):
         return False
-    return not Path(name).exists()
+    return not Path(name).expanduser().exists()
 
 
 def fetch_root(output_path: str) -> Path:

@@ -116,17 +116,11 @@ def start_world(config: ResolvedConfig, world: Any = None) -> ResolvedConfig:
     divide it raises SpecError (BatchRule) naming the sizes that work. Rank 0 of a FinetuneJob
     reports the outcome to its status (`status.ranks`), for the operator to show.
     """
-    from finetune_operator.objects import config_hash
-    from finetune_trainer.config import World, describe_world, reconcile_world
+    from finetune_trainer.config import World, reconcile_world
 
     world = world or World.from_env()
-    summary = describe_world(config, world)
-    report: dict[str, Any] = {
-        "worldSize": world.world_size,
-        "workers": world.nodes,
-        "summary": summary,
-        "configHash": config_hash(config),
-    }
+    report = _world_report(config, world)
+    summary = report["summary"]
     try:
         reconciled = reconcile_world(config, world, summary)
     except SpecError as error:
@@ -147,22 +141,25 @@ def start_world(config: ResolvedConfig, world: Any = None) -> ResolvedConfig:
 def report_refusal(config: ResolvedConfig, reason: str, message: str) -> None:
     """Rank 0 of a FinetuneJob: tell the operator why this group cannot train (`status.ranks`
     with a reason), so it says so in a condition and an Event instead of restarting."""
-    from finetune_operator.objects import config_hash
-    from finetune_trainer.config import World, describe_world
+    from finetune_trainer.config import World
 
     world = World.from_env()
-    _report(
-        world,
-        {
-            "worldSize": world.world_size,
-            "workers": world.nodes,
-            "summary": describe_world(config, world),
-            "configHash": config_hash(config),
-            "reason": reason,
-            "message": message,
-            "gradientAccumulationSteps": None,
-        },
-    )
+    refused = {"reason": reason, "message": message, "gradientAccumulationSteps": None}
+    _report(world, {**_world_report(config, world), **refused})
+
+
+def _world_report(config: ResolvedConfig, world: Any) -> dict[str, Any]:
+    """What every `status.ranks` report says: the world started, how it came about, and the
+    config it is about (the operator ignores a report about another spec)."""
+    from finetune_operator.objects import config_hash
+    from finetune_trainer.config import describe_world
+
+    return {
+        "worldSize": world.world_size,
+        "workers": world.nodes,
+        "summary": describe_world(config, world),
+        "configHash": config_hash(config),
+    }
 
 
 def _report(world: Any, ranks: dict[str, Any]) -> None:
