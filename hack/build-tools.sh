@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes toolchain used by hack/dev-cluster and the e2e tests, from the Go
 # module proxy only: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd,
-# kwok, kwokctl and helm; with FTO_KUEUE=1 (or --kueue) also Kueue's controller. Versions are
-# pinned by the committed modules under hack/tools/*/go.mod.
+# kwok, kwokctl, helm and actionlint (lints .github/workflows); with FTO_KUEUE=1 (or --kueue)
+# also Kueue's controller. Versions are pinned by the committed modules under hack/tools/*/go.mod.
 #
 # Binaries land outside git in a cache keyed by version:
 #   ${FTO_CACHE:-$HOME/.cache/finetune-operator}/bin/<group>-<version>/
@@ -34,12 +34,14 @@ ETCD_VERSION="$(pinned_version "${TOOLS_DIR}/etcd" go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(pinned_version "${TOOLS_DIR}/kwok" sigs.k8s.io/kwok)"
 HELM_VERSION="$(pinned_version "${TOOLS_DIR}/helm" helm.sh/helm/v3)"
 KUEUE_VERSION="$(pinned_version "${TOOLS_DIR}/kueue" sigs.k8s.io/kueue)"
+ACTIONLINT_VERSION="$(pinned_version "${TOOLS_DIR}/actionlint" github.com/rhysd/actionlint)"
 
 KUBE_BIN_DIR="${FTO_CACHE}/bin/kubernetes-${KUBE_VERSION}"
 ETCD_BIN_DIR="${FTO_CACHE}/bin/etcd-${ETCD_VERSION}"
 KWOK_BIN_DIR="${FTO_CACHE}/bin/kwok-${KWOK_VERSION}"
 HELM_BIN_DIR="${FTO_CACHE}/bin/helm-${HELM_VERSION}"
 KUEUE_BIN_DIR="${FTO_CACHE}/bin/kueue-${KUEUE_VERSION}"
+ACTIONLINT_BIN_DIR="${FTO_CACHE}/bin/actionlint-${ACTIONLINT_VERSION}"
 # Kueue is optional: built and checked only when asked for.
 WITH_KUEUE="${FTO_KUEUE:-0}"
 
@@ -102,7 +104,7 @@ kube_version_ldflags() {
 }
 
 print_path() {
-  echo "${KUBE_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}:${KUEUE_BIN_DIR}"
+  echo "${KUBE_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}:${KUEUE_BIN_DIR}:${ACTIONLINT_BIN_DIR}"
 }
 
 # The Kueue module's source (config/components/crd/bases, config/components/webhook) in the Go
@@ -119,6 +121,7 @@ check_all_built() {
     missing_binaries "${ETCD_BIN_DIR}" etcd
     missing_binaries "${KWOK_BIN_DIR}" kwok kwokctl
     missing_binaries "${HELM_BIN_DIR}" helm
+    missing_binaries "${ACTIONLINT_BIN_DIR}" actionlint
     if [[ "${WITH_KUEUE}" == "1" ]]; then missing_binaries "${KUEUE_BIN_DIR}" kueue; fi
   )"
   if [[ -n "${missing}" ]]; then
@@ -152,6 +155,8 @@ build_all() {
   build_group "${HELM_BIN_DIR}" "${TOOLS_DIR}/helm" \
     "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" \
     helm=helm.sh/helm/v3/cmd/helm
+  build_group "${ACTIONLINT_BIN_DIR}" "${TOOLS_DIR}/actionlint" "" \
+    actionlint=github.com/rhysd/actionlint/cmd/actionlint
   if [[ "${WITH_KUEUE}" == "1" ]]; then
     build_group "${KUEUE_BIN_DIR}" "${TOOLS_DIR}/kueue" \
       "-X sigs.k8s.io/kueue/pkg/version.GitVersion=${KUEUE_VERSION}" \
