@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes toolchain used by hack/dev-cluster and the e2e tests, from the Go
 # module proxy only: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd,
-# kwok, kwokctl, helm and actionlint (lints .github/workflows); with FTO_KUEUE=1 (or --kueue)
+# kwok, kwokctl, helm and actionlint (lints .github/workflows); the real node's kubelet,
+# kube-proxy and CoreDNS (hack/dev-cluster with FTO_REAL_NODE=1); with FTO_KUEUE=1 (or --kueue)
 # also Kueue's controller. Versions are pinned by the committed modules under hack/tools/*/go.mod.
 #
 # Binaries land outside git in a cache keyed by version:
@@ -26,7 +27,9 @@ GO_BUILD_PARALLELISM="${FTO_GO_BUILD_PARALLELISM:-2}"
 # Prints the version that a tools module pins for a given Go module (from its go.mod).
 pinned_version() {
   local tools_module_dir="$1" go_module="$2"
-  awk -v m="${go_module}" '$1 == m && $2 ~ /^v/ { print $2; exit }' "${tools_module_dir}/go.mod"
+  # A require block's line ("M vX") or a one-line require ("require M vX").
+  awk -v m="${go_module}" '$1 == m && $2 ~ /^v/ { print $2; exit }
+    $1 == "require" && $2 == m { print $3; exit }' "${tools_module_dir}/go.mod"
 }
 
 KUBE_VERSION="$(pinned_version "${TOOLS_DIR}/kubernetes" k8s.io/kubernetes)"
@@ -35,6 +38,7 @@ KWOK_VERSION="$(pinned_version "${TOOLS_DIR}/kwok" sigs.k8s.io/kwok)"
 HELM_VERSION="$(pinned_version "${TOOLS_DIR}/helm" helm.sh/helm/v3)"
 KUEUE_VERSION="$(pinned_version "${TOOLS_DIR}/kueue" sigs.k8s.io/kueue)"
 ACTIONLINT_VERSION="$(pinned_version "${TOOLS_DIR}/actionlint" github.com/rhysd/actionlint)"
+COREDNS_VERSION="$(pinned_version "${TOOLS_DIR}/coredns" github.com/coredns/coredns)"
 
 KUBE_BIN_DIR="${FTO_CACHE}/bin/kubernetes-${KUBE_VERSION}"
 ETCD_BIN_DIR="${FTO_CACHE}/bin/etcd-${ETCD_VERSION}"
@@ -42,6 +46,9 @@ KWOK_BIN_DIR="${FTO_CACHE}/bin/kwok-${KWOK_VERSION}"
 HELM_BIN_DIR="${FTO_CACHE}/bin/helm-${HELM_VERSION}"
 KUEUE_BIN_DIR="${FTO_CACHE}/bin/kueue-${KUEUE_VERSION}"
 ACTIONLINT_BIN_DIR="${FTO_CACHE}/bin/actionlint-${ACTIONLINT_VERSION}"
+# The real node's binaries: a group of their own, so adding them never rebuilds the control plane.
+KUBE_NODE_BIN_DIR="${FTO_CACHE}/bin/kube-node-${KUBE_VERSION}"
+COREDNS_BIN_DIR="${FTO_CACHE}/bin/coredns-${COREDNS_VERSION}"
 # Kueue is optional: built and checked only when asked for.
 WITH_KUEUE="${FTO_KUEUE:-0}"
 
@@ -104,7 +111,7 @@ kube_version_ldflags() {
 }
 
 print_path() {
-  echo "${KUBE_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}:${KUEUE_BIN_DIR}:${ACTIONLINT_BIN_DIR}"
+  echo "${KUBE_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}:${KUEUE_BIN_DIR}:${ACTIONLINT_BIN_DIR}:${KUBE_NODE_BIN_DIR}:${COREDNS_BIN_DIR}"
 }
 
 # The Kueue module's source (config/components/crd/bases, config/components/webhook) in the Go
@@ -122,6 +129,8 @@ check_all_built() {
     missing_binaries "${KWOK_BIN_DIR}" kwok kwokctl
     missing_binaries "${HELM_BIN_DIR}" helm
     missing_binaries "${ACTIONLINT_BIN_DIR}" actionlint
+    missing_binaries "${KUBE_NODE_BIN_DIR}" kubelet kube-proxy
+    missing_binaries "${COREDNS_BIN_DIR}" coredns
     if [[ "${WITH_KUEUE}" == "1" ]]; then missing_binaries "${KUEUE_BIN_DIR}" kueue; fi
   )"
   if [[ -n "${missing}" ]]; then
@@ -144,6 +153,13 @@ build_all() {
     kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
     kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
     kubectl=k8s.io/kubernetes/cmd/kubectl
+  build_group "${KUBE_NODE_BIN_DIR}" "${TOOLS_DIR}/kubernetes" "$(kube_version_ldflags)" \
+    kubelet=k8s.io/kubernetes/cmd/kubelet \
+    kube-proxy=k8s.io/kubernetes/cmd/kube-proxy
+  # main.go there: CoreDNS with only the plugins the cluster DNS uses.
+  build_group "${COREDNS_BIN_DIR}" "${TOOLS_DIR}/coredns" \
+    "-X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}" \
+    coredns=.
   build_group "${ETCD_BIN_DIR}" "${TOOLS_DIR}/etcd" "" \
     etcd=go.etcd.io/etcd/server/v3
   # kwokctl configures each component's flags for its default Kubernetes version unless told,
