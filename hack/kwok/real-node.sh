@@ -308,11 +308,37 @@ EOF
   rm -rf "${build_dir}"
 }
 
-# Imports an image archive (podman save --format oci-archive / docker-archive) into the node.
+# Imports an image into the node: an archive file (podman save --format oci-archive), or an
+# image of podman's store by name, saved to a scratch archive unless the node already holds that
+# name with the same image ID (the config digest, which survives save and import). containerd
+# keeps its images under ${FTO_CACHE}/containerd, so a later cluster finds them imported.
 load_image() {
-  local archive="$1"
+  local image="$1" image_id archive
   [[ -S "${CONTAINERD_SOCKET}" ]] || { log "no real node is running"; return 1; }
-  ctr_node images import "${archive}" >&2
+  if [[ -f "${image}" ]]; then
+    log "importing ${image}"
+    ctr_node images import "${image}" >/dev/null
+    return
+  fi
+  image_id="$(podman image inspect --format '{{.Id}}' "${image}")" || return 1
+  if [[ "$(node_image_config_digest "${image}")" == "sha256:${image_id}" ]]; then
+    log "${image} (${image_id:0:12}) is in the node already"
+    return 0
+  fi
+  archive="${REAL_NODE_RUN}/import-$$.tar"
+  log "importing ${image} (${image_id:0:12}) into the node"
+  podman save --quiet --format oci-archive -o "${archive}" "${image}" >/dev/null \
+    && ctr_node images import "${archive}" >/dev/null
+  local status=$?
+  rm -f "${archive}"
+  return "${status}"
+}
+
+# The config digest (what podman calls the image ID) of the node's image named $1, if any.
+node_image_config_digest() {
+  ctr_node images ls "name==$1" -q 2>/dev/null | grep -qx "$1" || return 0
+  ctr_node content get "$(ctr_node images ls "name==$1" | awk 'NR == 2 {print $3}')" 2>/dev/null \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["digest"])' 2>/dev/null || true
 }
 
 check_real_node_prerequisites() {
