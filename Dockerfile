@@ -35,10 +35,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp
 # Versions: the project wheel is this commit; its dependencies are bounded in pyproject.toml.
+# The wheel is copied, not bind-mounted (RUN --mount=type=bind,from=wheel): podman/buildah
+# mounts nothing when the wheel stage comes from its layer cache (podman#16281), and does not
+# rebuild the mounting step when the wheel changes (buildah#4522); a COPY is keyed by content.
+# It costs the image one small file.
+COPY --from=wheel /wheels/ /wheels/
 # hadolint ignore=DL3013
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    set -- /wheels/finetune_operator-*.whl \
+RUN set -- /wheels/finetune_operator-*.whl \
  && pip install --no-cache-dir "$1[operator]" \
+ && rm -rf /wheels \
  && if python -c "import torch" 2>/dev/null; then echo "torch must not be in the operator image" >&2; exit 1; fi
 RUN groupadd --gid 1000 finetune \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin finetune
@@ -69,25 +74,36 @@ ARG TORCH_VERSION=2.8.0
 # The extras to install: `trainer` always; add `deepspeed` (full fine-tuning with ZeRO) or
 # `fast` (Liger kernels, CUDA) as needed, e.g. --build-arg EXTRAS=trainer,fast.
 ARG EXTRAS=trainer
+# The root filesystem is read-only in the pods and /tmp is a writable volume there: every cache
+# is named under it, so that none depends on HOME (the pods set HF_HOME to the output volume,
+# so that a model is fetched once per job).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    HF_HOME=/tmp/.cache/huggingface \
+    TRITON_CACHE_DIR=/tmp/.cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
+    MPLCONFIGDIR=/tmp/.cache/matplotlib \
     FINETUNE_DEVICE=${DEVICE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # torch first, pinned, from the index of the device, so that the extra's `torch>=` finds it
-# installed; the rest is bounded in pyproject.toml.
-# hadolint ignore=DL3013
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    case "${DEVICE}" in \
+# installed; the rest is bounded in pyproject.toml. torch has its own layer: a change of the
+# project reinstalls the extra, not the several GB of torch.
+RUN case "${DEVICE}" in \
       xpu) index=https://download.pytorch.org/whl/xpu ;; \
       cuda) index=https://download.pytorch.org/whl/cu128 ;; \
       cpu) index=https://download.pytorch.org/whl/cpu ;; \
       *) echo "DEVICE must be xpu, cuda or cpu, not ${DEVICE}" >&2; exit 1 ;; \
     esac \
- && pip install --no-cache-dir --index-url "${index}" "torch==${TORCH_VERSION}" \
- && set -- /wheels/finetune_operator-*.whl \
+ && pip install --no-cache-dir --index-url "${index}" "torch==${TORCH_VERSION}"
+# The wheel is copied, not bind-mounted: see the operator stage.
+COPY --from=wheel /wheels/ /wheels/
+# hadolint ignore=DL3013
+RUN set -- /wheels/finetune_operator-*.whl \
  && pip install --no-cache-dir "$1[${EXTRAS}]" \
+ && rm -rf /wheels \
  && python -c "import torch, finetune_trainer; print('torch', torch.__version__)"
 RUN groupadd --gid 1000 finetune \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin finetune

@@ -156,7 +156,45 @@ def test_trainer_image_installs_declared_extras_on_the_device_torch(
     assert set(indexes) == {"xpu", "cuda", "cpu"}
     assert len(set(indexes.values())) == 3
     assert indexes["xpu"].endswith("/xpu") and indexes["cpu"].endswith("/cpu")
-    assert run.index("--index-url") < run.index('"$1[')  # torch before the extra
+    # torch before the extra, in its own layer (a change of the project keeps it cached)
+    runs = trainer.runs()
+    extra_run = next(r for r in runs if '"$1[' in r)
+    assert runs.index(run) < runs.index(extra_run)
+    assert '"$1[' not in run
+
+
+def test_the_wheel_is_copied_not_bind_mounted(
+    dockerfile: tuple[dict[str, str], dict[str, Stage]],
+) -> None:
+    """podman/buildah mounts an empty folder when the mounted stage comes from its layer cache,
+    and keeps the mounting step cached when the stage changes: the images get the project wheel
+    by COPY (keyed by content), and remove it once installed."""
+    _, stages = dockerfile
+    for name in ("operator", "trainer"):
+        copies = [rest for kw, rest in stages[name].instructions if kw == "COPY"]
+        assert "--from=wheel /wheels/ /wheels/" in copies, name
+        install = next(r for r in stages[name].runs() if '"$1[' in r)
+        assert "rm -rf /wheels" in install, name
+        assert not any("--mount=type=bind" in r for r in stages[name].runs()), name
+
+
+def test_trainer_caches_are_under_tmp(
+    dockerfile: tuple[dict[str, str], dict[str, Stage]],
+) -> None:
+    """The pods' root filesystem is read-only and /tmp a writable volume: every cache the
+    trainer's libraries write is named under /tmp, whatever HOME is."""
+    _, stages = dockerfile
+    env = " ".join(rest for kw, rest in stages["trainer"].instructions if kw == "ENV")
+    values = dict(re.findall(r"(\w+)=(\S+)", env))
+    for name in (
+        "HOME",
+        "XDG_CACHE_HOME",
+        "HF_HOME",
+        "TRITON_CACHE_DIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "MPLCONFIGDIR",
+    ):
+        assert values.get(name, "").startswith("/tmp"), name
 
 
 def test_images_run_as_uid_1000(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:
