@@ -13,7 +13,7 @@ from finetune_operator.status import Reason
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-PAGES = ["quickstart.md", "reference.md", "operations.md", "architecture.md"]
+PAGES = ["quickstart.md", "reference.md", "operations.md", "architecture.md", "images.md"]
 NOTES = ROOT / "charts" / "finetune-operator" / "templates" / "NOTES.txt"
 
 
