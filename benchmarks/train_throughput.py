@@ -1,46 +1,32 @@
-"""Training throughput: the plain Hugging Face recipe vs our path (issues 7 and 9).
+"""Training throughput: the plain Hugging Face recipe vs `finetune-train` itself.
 
 Model: Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000),
-random weights (seed 0), bf16. Data: 4096 synthetic alpaca-like examples, seeded: lengths
-lognormal (median 140 tokens, sigma 0.5) clipped to 40..256 (= cutoffLen), random token ids,
-labels masked on a prompt of ~45% of each example (train_on_inputs false), EOS-free.
+random weights (seed 0), bf16.
 
-Recipe (both paths): LoRA r8 / alpha 16 / dropout 0.05 on q,k,v,o,gate,up,down (peft), or QLoRA
-(the same on bitsandbytes nf4 double-quant weights, prepare_model_for_kbit_training), global
-batch 128, micro-batch 2 (accumulation 64 on one GPU), bf16, lr 3e-4 cosine no warmup,
-max_grad_norm 1, seed 42, transformers Trainer (same sampler: the same examples per step).
+  baseline        the plain recipe, assembled here: LoRA r8 / alpha 16 / dropout 0.05 on the
+                  seven projections (peft), or QLoRA (the same on bitsandbytes nf4 double-quant
+                  weights), transformers Trainer, DataCollatorForSeq2Seq (right padding,
+                  pad_to_multiple_of 8), adamw_torch, the TrainingArguments defaults, eager
+                  sdpa; DPO: plain TRL DPOTrainer (its collator, its default checkpointing).
+                  Data: 4096 synthetic alpaca-like examples (lengths lognormal, median 140
+                  tokens, sigma 0.5, clipped to 40..256, ~45% prompt masked), or preference
+                  pairs (prompt median 140, responses median 120).
+  finetune-train  `python -m finetune_trainer JOB --nproc N` at its defaults on the same model
+                  (saved once) and rows of the same lengths (DPO: the very same pairs): what a
+                  user runs, with the trainer's own plan (recorded from its progress.jsonl).
+                  Nothing of the trainer's fast path is assembled here (a test checks), so the
+                  benchmark cannot measure what the trainer does not run.
 
-  baseline  DataCollatorForSeq2Seq (right padding, pad_to_multiple_of 8), adamw_torch, the
-            TrainingArguments defaults (NaN filter on), eager sdpa.
-  ours      finetune_trainer.perf: packing collator (one row per micro-batch of 2, 4D block
-            mask), no host syncs in the accumulation loop, adamw_torch_fused, regional
-            torch.compile of the decoder layers, Liger fused linear cross-entropy.
-  ours-eager   ours without compile and without Liger (packing + args only)
-  ours-liger   ours without compile, with Liger RMSNorm/SwiGLU/RoPE/FLCE
-  ours-auto    ours with microBatchSize auto (perf.auto_micro_batch), rows of 1024 tokens.
-  ours-graphs  ours with the decoder layers eager and replayed as CUDA graphs captured by hand
-               (perf.PerfOptions.cuda_graphs: finetune_trainer.cuda_graphs,
-               perf.StableGradients), rows rounded up to --bucket tokens.
-  ours-graphs-auto  ours-graphs with microBatchSize auto.
+Usage (results JSON per run under --out):
+  python benchmarks/train_throughput.py --paths baseline,finetune-train --methods lora,qlora
+  python benchmarks/train_throughput.py --paths finetune-train --methods lora --worlds 1,2
+  python benchmarks/train_throughput.py --paths baseline,finetune-train --methods dpo \
+      --global-batch 16 --micro-batch 4 --examples 512
+Tiny CPU check: --tiny --tiny-cpu runs the same code on the CPU.
 
-DPO (--methods dpo, LoRA): the seed's DPO defaults (micro-batch 4 pairs, global batch 16, lr
-5e-5, beta 0.1, max_length 1536) on synthetic pairs (prompt median 140 tokens, responses median
-120, lognormal sigma 0.5): baseline = plain TRL DPOTrainer (its collator, right padding, its
-metrics); ours = finetune_trainer.packed_dpo (packed rows, no host syncs) + the same perf
-switches; ours-graphs adds CUDA graphs. FLOPs per non-padding token: 6N (policy forward and
-backward through the activations 4N, reference forward 2N) plus attention.
-
-Usage (one GPU, everything, results JSON per run under --out):
-  python benchmarks/train_throughput.py --paths baseline,ours,ours-auto --methods lora,qlora
-Multi-GPU: torchrun --nproc-per-node N benchmarks/train_throughput.py --child \
-  --path ours --method lora ...   (or --worlds 1,2 from the driver, which launches torchrun)
-Tiny CPU check: --tiny (2 layers, hidden 64) runs the same code on the CPU.
-
-FLOPs per non-padding token (MFU): 4*N for the frozen base (forward 2N + backward through the
-activations 2N, no weight gradients), N = 6.61e9 non-embedding parameters incl. lm_head, plus
-attention 6*s*d*L for an example of length s (causal: forward 2*s^2*d per layer, backward 2x),
-plus LoRA 6*N_lora (~0.3%). Useful FLOPs only: padding and masked-out attention count zero.
-Peak: 989 TFLOP/s (H100/H200 SXM dense bf16 datasheet).
+FLOPs per non-padding token (MFU, baseline): 4*N for the frozen base (forward 2N + backward
+through the activations 2N), N = 6.61e9 non-embedding parameters incl. lm_head, plus attention
+6*s*d*L for an example of length s, plus LoRA 6*N_lora. Peak: 989 TFLOP/s (H100/H200 SXM).
 """
 
 from __future__ import annotations
@@ -480,8 +466,6 @@ def child(args: argparse.Namespace) -> None:
         return
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from finetune_trainer import perf
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -489,54 +473,15 @@ def child(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    path = args.path
-    ours = path.startswith("ours")
     t_build = time.perf_counter()
     model, cfg = build_model(args, device)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_fn, n_base = flops_per_example(cfg, n_lora)
     tokenizer = tokenizer_stub(cfg.vocab_size)
     micro = args.micro_batch
-    auto = path.endswith("-auto")
-    full_path = path in ("ours", "ours-auto", "ours-graphs", "ours-graphs-auto")
-    graphs = "graphs" in path and cuda  # CUDA graphs need CUDA
-    stable_grads: perf.StableGradients | None = None
-    if ours:
-        liger = cuda and not os.environ.get("BENCH_NO_LIGER")
-        compiled = not os.environ.get("BENCH_NO_COMPILE") and (cuda or args.tiny_cpu)
-        # under CUDA graphs: the layers compiled inside them (BENCH_GRAPHS_COMPILE) or eager,
-        # with Liger's RMSNorm/SwiGLU/RoPE (BENCH_LIGER_LAYERS); BENCH_NO_LIGER_LOSS: the
-        # model's own loss (Liger's fused linear cross-entropy reads a count back each call)
-        inside_graphs = bool(os.environ.get("BENCH_GRAPHS_COMPILE"))
-        options = perf.PerfOptions(
-            compile_layers=compiled
-            and full_path
-            and (cuda or path == "ours")
-            and (not graphs or inside_graphs),
-            liger_loss=liger
-            and (full_path or path == "ours-liger")
-            and not os.environ.get("BENCH_NO_LIGER_LOSS"),
-            liger_layers=liger
-            and (path == "ours-liger" or (graphs and bool(os.environ.get("BENCH_LIGER_LAYERS")))),
-            cuda_graphs=graphs,
-        )
-        perf.optimize_model(model, options)
-        if options.cuda_graphs:
-            stable_grads = perf.StableGradients(model)
-        inner = perf.PackingCollator(
-            pad_token_id=0,
-            pad_to_multiple_of=args.bucket,
-            row_tokens=args.row_tokens if auto else None,
-        )
-    else:
-        options = None
-        inner = DataCollatorForSeq2Seq(
-            tokenizer,
-            pad_to_multiple_of=8,
-            return_tensors="pt",
-            padding=True,
-            label_pad_token_id=-100,
-        )
+    inner = DataCollatorForSeq2Seq(
+        tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True, label_pad_token_id=-100
+    )
     build_s = time.perf_counter() - t_build
     per_rank = args.global_batch // world
     accumulation = per_rank // micro
@@ -563,47 +508,8 @@ def child(args: argparse.Namespace) -> None:
         ddp_find_unused_parameters=False,
         dataloader_drop_last=True,
     )
-    if ours:
-        kwargs |= perf.training_argument_overrides(device.type if cuda else "cpu", "adamw_torch")
-    if graphs and os.environ.get("BENCH_GRAPHS_NO_AUTOCAST"):
-        # the base weights are bf16 already; without Trainer's autocast the LoRA matmuls run
-        # in fp32 (their parameters' dtype): the CUDA-graph capture fails under autocast on
-        # torch 2.11 (tests/trainer/test_cuda_graphs.py)
-        kwargs["bf16"] = False
     targs = TrainingArguments(**kwargs)
     _ = targs.device  # initialises the process group under torchrun
-    probe: dict[str, Any] = {}
-    if auto:
-        collate_probe = perf.PackingCollator(
-            pad_token_id=0, pad_to_multiple_of=args.bucket, row_tokens=args.row_tokens
-        )
-        t0 = time.perf_counter()
-        if cuda:
-            budget = int(
-                torch.cuda.get_device_properties(device).total_memory * args.memory_fraction
-            )
-
-            def step(m: int) -> None:
-                perf.probe_step(
-                    model,
-                    perf.worst_case_batch(m, args.cutoff, cfg.vocab_size, collate_probe, device),
-                )
-
-            micro, measured = perf.auto_micro_batch(step, args.global_batch, world, budget)
-            probe = {
-                "budget_gib": budget / 2**30,
-                "peaks_gib": {k: v / 2**30 for k, v in measured.items()},
-            }
-        else:
-            micro = max(perf.candidate_micro_batches(args.global_batch, world, limit=16))
-        if world > 1:
-            t = torch.tensor([micro], device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            micro = int(t.item())
-        probe["seconds"] = time.perf_counter() - t0
-        targs.per_device_train_batch_size = micro
-        targs.gradient_accumulation_steps = per_rank // micro
-        accumulation = per_rank // micro
     counter = Counting(inner, flops_fn)
     rows = synthetic_alpaca(args.examples, args.cutoff, cfg.vocab_size)
     recorder = Recorder(counter, device).profiling(args, rank)
@@ -613,20 +519,16 @@ def child(args: argparse.Namespace) -> None:
         train_dataset=ListDataset(rows),
         data_collator=counter,
         processing_class=tokenizer,
-        callbacks=[recorder.callback] + ([stable_grads.callback()] if stable_grads else []),
+        callbacks=[recorder.callback],
     )
-    if ours and not os.environ.get("BENCH_NO_TRIM"):
-        perf.trim_repeated_host_work(trainer)
     meta = {
         "micro_batch": micro,
         "accumulation": accumulation,
         "layers": cfg.num_hidden_layers,
         "hidden": cfg.hidden_size,
-        "options": None if options is None else options.__dict__,
         "n_base_flop_params": n_base,
         "n_lora": n_lora,
         "build_s": round(build_s, 1),
-        "probe": probe,
     }
     train_and_report(args, trainer, recorder, device, meta)
 
@@ -687,9 +589,6 @@ def child_dpo(args: argparse.Namespace) -> None:
     from trl.trainer.dpo_config import DPOConfig
     from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
-    from finetune_trainer import perf
-    from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -697,7 +596,6 @@ def child_dpo(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    path, ours = args.path, args.path.startswith("ours")
     t_build = time.perf_counter()
     args.method = "lora"  # the bf16 base; TRL adds the LoRA adapter (reference: adapter off)
     model, cfg = build_model(args, device, wrap=False)
@@ -710,36 +608,7 @@ def child_dpo(args: argparse.Namespace) -> None:
         return 6 * n_base * s + 9 * s * s * d * L + 6 * n_lora * s
 
     tokenizer = tokenizer_stub(cfg.vocab_size)
-    options = None
-    stable_grads = None
-    inner: Any
-    if ours:
-        graphs = "graphs" in path and cuda
-        # under graphs: eager layers inside unless BENCH_GRAPHS_COMPILE (as the trainer:
-        # PerfOptions.for_dpo says why), checkpointed inside the graphs where TRL would
-        # checkpoint (its default) unless BENCH_DPO_NO_CKPT
-        options = perf.PerfOptions(
-            compile_layers=(cuda or args.tiny_cpu)
-            and not os.environ.get("BENCH_NO_COMPILE")
-            and (not graphs or bool(os.environ.get("BENCH_GRAPHS_COMPILE"))),
-            liger_loss=False,  # the packed loss needs per-token log-probs, not a mean CE
-            liger_layers=bool(os.environ.get("BENCH_LIGER_LAYERS")),
-            cuda_graphs=graphs,
-            graph_checkpointing=graphs and not os.environ.get("BENCH_DPO_NO_CKPT"),
-            lean_lora=graphs and not os.environ.get("BENCH_NO_LEAN_LORA"),
-        )
-        # under graphs the trainer's rows unless BENCH_DPO_LOOSE_ROWS (rounded to
-        # --bucket); BENCH_DPO_ROW_TOKENS: the packed row width (attention costs its square)
-        if graphs and not os.environ.get("BENCH_DPO_LOOSE_ROWS"):
-            inner = PackedPreferenceCollator.for_training(0, args.dpo_max_length, cuda_graphs=True)
-        else:
-            inner = PackedPreferenceCollator(
-                pad_token_id=0, max_length=args.dpo_max_length, pad_to_multiple_of=args.bucket
-            )
-        if os.environ.get("BENCH_DPO_ROW_TOKENS"):
-            inner.row_tokens = int(os.environ["BENCH_DPO_ROW_TOKENS"])
-    else:
-        inner = DataCollatorForPreference(pad_token_id=0, max_length=args.dpo_max_length)
+    inner = DataCollatorForPreference(pad_token_id=0, max_length=args.dpo_max_length)
     build_s = time.perf_counter() - t_build
     micro = args.micro_batch
     accumulation = args.global_batch // world // micro
@@ -767,17 +636,11 @@ def child_dpo(args: argparse.Namespace) -> None:
         beta=0.1,
         max_length=args.dpo_max_length,
     )
-    if ours:
-        kwargs |= perf.training_argument_overrides(device.type, "adamw_torch")
-    if os.environ.get("BENCH_DPO_NO_CKPT") or (options is not None and options.cuda_graphs):
-        # TRL's default is on: measured without it, or done inside the graphs instead
-        kwargs["gradient_checkpointing"] = False
     targs = DPOConfig(**kwargs)
     counter = PairCounting(inner, flops_fn, args.dpo_max_length)
     recorder = Recorder(counter, device).profiling(args, rank)  # type: ignore[arg-type]
-    trainer_class = PackedDPOTrainer if ours else DPOTrainer
-    torch.manual_seed(42)  # the LoRA A matrices TRL draws: the same in both paths
-    trainer = trainer_class(
+    torch.manual_seed(42)  # the LoRA A matrices TRL draws
+    trainer = DPOTrainer(
         model=model,
         args=targs,
         train_dataset=Dataset.from_list(synthetic_pairs(args.examples, cfg.vocab_size)),
@@ -786,24 +649,15 @@ def child_dpo(args: argparse.Namespace) -> None:
         callbacks=[recorder.callback],
         peft_config=lora_config(args),
     )
-    if options is not None:  # on the wrapped model, as train.py does
-        perf.optimize_model(trainer.model, options)
-        if options.cuda_graphs:
-            stable_grads = perf.StableGradients(trainer.model)
-            trainer.add_callback(stable_grads.callback())
-    if ours and not os.environ.get("BENCH_NO_TRIM"):
-        perf.trim_repeated_host_work(trainer)
     meta = {
         "micro_batch": micro,
         "accumulation": accumulation,
         "layers": L,
         "hidden": d,
-        "options": None if options is None else options.__dict__,
         "n_base_flop_params": n_base,
         "n_lora": n_lora,
         "build_s": round(build_s, 1),
-        "probe": {},
-        "trainer": trainer_class.__name__,
+        "trainer": "DPOTrainer",
     }
     train_and_report(args, trainer, recorder, device, meta)
 
@@ -830,17 +684,6 @@ def train_and_report(
     trainer.train()
     total_s = time.perf_counter() - t0
     peak = max(recorder.peak_gib, torch.cuda.max_memory_allocated(device) / 2**30) if cuda else 0.0
-    from finetune_trainer import cuda_graphs, perf
-
-    graphed = next(
-        (g for g in map(cuda_graphs.installed, perf.decoder_layers(trainer.model)) if g), None
-    )
-    if graphed is not None and rank == 0:
-        print(
-            f"cuda graphs: {len(graphed.sets)} sets {sorted(k[0] for k in graphed.sets)}, "
-            f"{graphed.replays} replayed and {graphed.eager_calls} eager layer calls",
-            flush=True,
-        )
     timed = [
         s
         for s in recorder.steps
@@ -928,13 +771,122 @@ def run(cmd: list[str], env: dict[str, str], timeout: int) -> int:
         return 124
 
 
+def finetune_train(args: argparse.Namespace, world: int, method: str, env: dict[str, str]) -> int:
+    """`finetune-train JOB --nproc world` on the benchmark's model and rows, at the trainer's
+    defaults (the global and micro-batch as given, the seed's by default); its
+    progress.jsonl read back: tokens/s after the warm-up steps, peak memory, losses, plan."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fp32_reference as reference  # model and rows on disk, the job file
+
+    cfg = model_config(args.tiny, args.layers)
+    work = Path(args.work)
+    model = reference.make_model(
+        work / f"model-{cfg.hidden_size}x{cfg.num_hidden_layers}",
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+    )
+    overrides: dict[str, Any] = {
+        "training.globalBatchSize": args.global_batch,
+        "training.microBatchSize": args.micro_batch,
+    }
+    if args.zero_stage is not None:
+        overrides["training.deepspeedZeroStage"] = args.zero_stage
+    if method == "dpo":  # the very pairs the baseline trains on, with its tokenizer
+        model = stub_tokenizer_copy(model, cfg.vocab_size)
+        data = work / f"pairs-{args.examples}.jsonl"
+        rows = synthetic_pairs(args.examples, cfg.vocab_size)
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        overrides["dpo.maxLength"] = args.dpo_max_length
+    else:
+        data = reference.make_data(work / f"alpaca-{args.examples}.json", args.examples)
+    device = "cpu" if args.tiny_cpu else "cuda"
+    output = work / f"run-{method}-w{world}"
+    subprocess.run(["rm", "-rf", str(output)], check=True)
+    spec = reference.job(
+        work / f"{method}-w{world}.yaml", model, data, device, args.steps, method, **overrides
+    )
+    command = [sys.executable, "-m", "finetune_trainer", str(spec), "--output", str(output)]
+    command += ["--nproc", str(world)]
+    trainer_path = [str(REPO / "trainer"), str(REPO / "operator"), env.get("PYTHONPATH", "")]
+    run_env = {**env, "PYTHONPATH": os.pathsep.join(trainer_path)}
+    if world == 1:
+        run_env["CUDA_VISIBLE_DEVICES"] = args.gpu
+    started = time.perf_counter()
+    rc = run(command, run_env, args.run_timeout)
+    records = []
+    if (output / "progress.jsonl").exists():
+        records = [
+            json.loads(line) for line in (output / "progress.jsonl").read_text().split("\n") if line
+        ]
+    steps = [r for r in records if "loss" in r]
+    seconds = tokens = 0.0
+    previous = 0
+    last = steps[-1]["step"] if steps else 0
+    for record in steps:
+        delta = record.get("tokens", 0) - previous
+        previous = record.get("tokens", 0)
+        rate = record.get("tokensPerSecond")
+        # timed: after the warm-up (compilation, graph captures), before the last step (the
+        # end of training lands in it)
+        if args.warmup_steps < record["step"] < last and rate:
+            tokens += delta
+            seconds += delta / rate
+    plan: dict[str, Any] = next((r for r in records if r.get("event") == "plan"), {})
+    result = {
+        "path": "finetune-train",
+        "method": method,
+        "world_size": world,
+        "exit": rc,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "tokens_per_s_per_gpu": tokens / seconds / world if seconds else None,
+        "peak_gib": round(max((r.get("peakMemoryBytes") or 0) for r in steps) / 2**30, 2)
+        if steps
+        else None,
+        "logs": {r["step"]: {"loss": r["loss"], "grad_norm": r.get("gradNorm")} for r in steps},
+        "plan": {k: v for k, v in plan.items() if k != "event"},
+        "torch": torch.__version__,
+    }
+    name = f"{args.tag or ''}{method}-finetune-train-w{world}"
+    out = (
+        Path(args.out)
+        / f"{name}{'' if args.zero_stage is None else f'-zero{args.zero_stage}'}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    brief = {k: result[k] for k in ("method", "world_size", "exit", "tokens_per_s", "peak_gib")}
+    print("RESULT", json.dumps(brief), json.dumps(result["logs"]), flush=True)
+    return rc
+
+
+def stub_tokenizer_copy(model: Path, vocab: int) -> Path:
+    """The saved model with `tokenizer_stub` as its tokenizer ("t5 t9" is ids 5, 9), as the
+    baseline's DPO pairs are written: links to the weights, nothing copied."""
+    stub = model.with_name(model.name + "-stub")
+    stub.mkdir(exist_ok=True)
+    for item in model.iterdir():
+        if item.suffix in (".safetensors", ".json") and "token" not in item.name:
+            link = stub / item.name
+            if not link.exists():
+                link.symlink_to(item)
+    tokenizer_stub(vocab).save_pretrained(str(stub))
+    return stub
+
+
 def driver(args: argparse.Namespace) -> int:
     env = {**os.environ, **NCCL_SAFE, "PYTHONUNBUFFERED": "1"}
     failures = 0
     for world in [int(w) for w in args.worlds.split(",")]:
         for method in args.methods.split(","):
             for path in args.paths.split(","):
-                steps = args.baseline_steps if path == "baseline" else args.steps
+                if path == "finetune-train":
+                    print(f"== {method} finetune-train world {world}", flush=True)
+                    failures += finetune_train(args, world, method, env) != 0
+                    continue
+                if path != "baseline":
+                    raise SystemExit(f"unknown path {path}: baseline or finetune-train")
                 base = [
                     f"--{k.replace('_', '-')}={v}"
                     for k, v in vars(args).items()
@@ -959,11 +911,11 @@ def driver(args: argparse.Namespace) -> int:
                     *base,
                     f"--path={path}",
                     f"--method={method}",
-                    f"--steps={steps}",
+                    f"--steps={args.baseline_steps}",
                     "--child",
                 ]
                 flags += ["--tiny"] * args.tiny + ["--tiny-cpu"] * args.tiny_cpu
-                if args.profile_step and path.startswith("ours") and world == 1:
+                if args.profile_step and world == 1:
                     flags.append(f"--profile-step={args.profile_step}")
                 if world > 1 or args.torchrun:
                     cmd = [
@@ -983,17 +935,6 @@ def driver(args: argparse.Namespace) -> int:
                 print(f"== {method} {path} world {world}: {' '.join(cmd[-6:])}", flush=True)
                 t0 = time.perf_counter()
                 rc = run(cmd, run_env, args.run_timeout)
-                if (
-                    rc not in (0, 124)
-                    and path.startswith("ours")
-                    and not env.get("BENCH_NO_COMPILE")
-                ):
-                    print("== retrying without torch.compile", flush=True)
-                    rc = run(
-                        [*cmd, "--tag=nocompile-"],
-                        {**run_env, "BENCH_NO_COMPILE": "1"},
-                        args.run_timeout,
-                    )
                 print(f"== rc {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
                 failures += rc != 0
     return failures
@@ -1003,7 +944,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--paths", default="baseline,ours,ours-auto")
+    p.add_argument("--paths", default="baseline,finetune-train")
     p.add_argument("--methods", default="lora,qlora")
     p.add_argument("--worlds", default="1", help="driver: world sizes (torchrun --nproc-per-node)")
     p.add_argument(
@@ -1011,7 +952,8 @@ def main() -> None:
     )
     p.add_argument("--gpu", default="0", help="driver: the GPU for world-1 runs")
     p.add_argument("--child", action="store_true")
-    p.add_argument("--path", default="ours")
+    p.add_argument("--path", default="baseline")
+    p.add_argument("--work", default="/tmp/train-throughput", help="saved model, rows, runs")
     p.add_argument("--method", default="lora")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--baseline-steps", type=int, default=2)
@@ -1019,15 +961,13 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--cutoff", type=int, default=256)
-    p.add_argument("--row-tokens", type=int, default=1024)
-    p.add_argument(
-        "--bucket", type=int, default=64, help="packed rows are rounded up to this many tokens"
-    )
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--dpo-max-length", type=int, default=1536, help="DPO: prompt + response")
-    p.add_argument("--memory-fraction", type=float, default=0.8)
     p.add_argument("--examples", type=int, default=4096)
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument(
+        "--zero-stage", type=int, default=None, help="finetune-train: deepspeedZeroStage (full)"
+    )
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--tiny-cpu", action="store_true")
     p.add_argument("--profile-step", type=int, default=None, help="torch.profiler over it")

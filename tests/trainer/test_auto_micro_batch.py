@@ -23,6 +23,7 @@ from finetune_trainer import perf
 from finetune_trainer.config import World, check_batch_rule, load_config
 from finetune_trainer.device import DeviceInfo
 from finetune_trainer.model import load_tokenizer, prepare_model
+from finetune_trainer.plan import Capabilities, make_plan
 from finetune_trainer.train import (
     MEMORY_FRACTION,
     RULE_LIMIT,
@@ -166,8 +167,9 @@ def test_probe_runs_the_real_model_and_collator(
     cfg = auto(config, 64, padding_free=padding_free)
     tokenizer = load_tokenizer(cfg)
     model = prepare_model(cfg, CPU)
-    collator, inner = training_collator(cfg, CUDA, tokenizer)
-    assert isinstance(collator, perf.HostTokenCounter)
+    plan = make_plan(cfg, "cuda", 1, Capabilities())
+    inner = training_collator(cfg, tokenizer, plan)
+    collator = perf.HostTokenCounter(inner)
     assert isinstance(inner, perf.PackingCollator) == padding_free
     if padding_free:
         assert inner.row_tokens == 1024

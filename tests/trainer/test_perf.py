@@ -157,63 +157,6 @@ def test_compiled_layers_same_loss_and_grad() -> None:
         assert max(rel(a, b) for a, b in zip(g_c, g_r, strict=True)) < 1e-3
 
 
-def test_training_argument_overrides_build() -> None:
-    from transformers import TrainingArguments
-
-    cpu = perf.training_argument_overrides("cpu")
-    assert cpu == {"logging_nan_inf_filter": False, "include_num_input_tokens_seen": "no"}
-    cuda = perf.training_argument_overrides("cuda", "adamw_torch")
-    assert cuda["optim"] == "adamw_torch_fused"
-    assert perf.training_argument_overrides("cuda", "adamw_8bit").get("optim") is None
-    TrainingArguments(output_dir="/tmp/x", use_cpu=True, report_to="none", **cpu)
-
-
-def test_options_for_device() -> None:
-    assert not perf.PerfOptions.for_device("cpu").compile_layers
-    assert not perf.PerfOptions.for_device("xpu").compile_layers  # not measured there yet
-    assert perf.PerfOptions.for_device("cuda").compile_layers
-    off = perf.PerfOptions.for_device("cuda", fused_kernels=False)
-    assert not (off.compile_layers or off.liger_loss or off.liger_layers)
-    graphed = perf.PerfOptions.for_device("cuda", cuda_graphs=True)
-    # as measured: compiled layers inside the graphs, the model's own loss (no host read-back)
-    assert graphed.cuda_graphs and graphed.compile_layers and not graphed.liger_loss
-    assert not perf.PerfOptions.for_device(
-        "cuda", fused_kernels=False, cuda_graphs=True
-    ).cuda_graphs
-    assert not perf.PerfOptions.for_device("xpu", cuda_graphs=True).cuda_graphs
-
-
-def test_graphs_fit_only_where_measured() -> None:
-    # the seed's micro-batch 2 at cutoff 256, one GPU: graphs
-    assert perf.graphs_fit("cuda", 2, 256, world_size=1, gradient_checkpointing=False)
-    # rows too wide for a few graph sets; auto; DDP; checkpointing; not CUDA: no graphs
-    assert not perf.graphs_fit("cuda", 8, 256, world_size=1, gradient_checkpointing=False)
-    assert not perf.graphs_fit("cuda", "auto", 256, world_size=1, gradient_checkpointing=False)
-    assert not perf.graphs_fit("cuda", 2, 256, world_size=2, gradient_checkpointing=False)
-    assert not perf.graphs_fit("cuda", 2, 256, world_size=1, gradient_checkpointing=True)
-    assert not perf.graphs_fit("xpu", 2, 256, world_size=1, gradient_checkpointing=False)
-
-
-def test_dpo_under_graphs_only_where_measured() -> None:
-    assert perf.dpo_graphs_fit("cuda", 4, world_size=1)
-    assert not perf.dpo_graphs_fit("cuda", "auto", world_size=1)
-    assert not perf.dpo_graphs_fit("cuda", 4, world_size=2)
-    assert not perf.dpo_graphs_fit("xpu", 4, world_size=1)
-    graphed = perf.PerfOptions.for_dpo("cuda", True, cuda_graphs=True, checkpoint=True)
-    # eager layers inside (compiled ones: later losses not understood), the packed loss (no
-    # fused mean cross-entropy), checkpointing inside the graphs, the lean LoRA forward
-    assert graphed.cuda_graphs and graphed.graph_checkpointing and graphed.lean_lora
-    assert not graphed.compile_layers and not graphed.liger_loss
-    assert not perf.PerfOptions.for_dpo("cuda", True, True, checkpoint=False).graph_checkpointing
-    for off in (
-        perf.PerfOptions.for_dpo("cuda", False, True, True),  # fusedKernels: false
-        perf.PerfOptions.for_dpo("cuda", True, False, True),  # graphs do not fit
-        perf.PerfOptions.for_dpo("cpu", True, True, True),
-    ):
-        assert not (off.cuda_graphs or off.compile_layers or off.liger_layers or off.liger_loss)
-        assert not off.lean_lora
-
-
 def test_candidate_micro_batches_keep_the_batch_rule() -> None:
     for world in (1, 2, 4, 8):
         for m in perf.candidate_micro_batches(128, world):
@@ -253,26 +196,6 @@ def test_host_token_counter_counts_without_the_device() -> None:
     state = State()
     collate.callback(world_size=2).on_step_end(None, state, None)
     assert state.num_input_tokens_seen == 2 * collate.tokens
-
-
-def test_trainer_uses_perf_on_cuda_only() -> None:
-    """train.training_arguments: the perf overrides on CUDA; the CPU recipe unchanged."""
-    from trainer_helpers import EXAMPLE
-
-    from finetune_trainer.config import World, load_config
-    from finetune_trainer.device import DeviceInfo
-    from finetune_trainer.train import training_arguments
-
-    config = load_config(EXAMPLE, output="/tmp/perf-args-out")
-    one = World(rank=0, local_rank=0, world_size=1, local_world_size=1)
-    cuda = training_arguments(config, DeviceInfo(kind="cuda", backend="nccl", local_rank=0), one)
-    assert cuda.optim == "adamw_torch_fused"
-    assert not cuda.logging_nan_inf_filter and cuda.include_num_input_tokens_seen == "no"
-    assert not cuda.use_liger_kernel  # perf.optimize_model applies Liger itself
-    cpu = training_arguments(config, DeviceInfo(kind="cpu", backend="gloo", local_rank=0), one)
-    assert cpu.optim == "adamw_torch" and cpu.logging_nan_inf_filter
-    # tokens are counted on the host (perf.HostTokenCounter) on every device
-    assert cpu.include_num_input_tokens_seen == "no"
 
 
 def test_trimmed_trainer_counts_the_same_flops_and_still_switches_modes(tmp_path: Any) -> None:

@@ -70,6 +70,9 @@ def test_lora_two_processes_trains_and_saves(run_a: Path) -> None:
     _assert_trained(run_a, "lora")
     _adapter_loads(run_a / "adapter", "bundled://tiny-llama")
     assert (run_a / "checkpoint-10" / "checkpoint-complete").exists()
+    # what ran, as the trainer's plan says: the plain CPU recipe, one all-reduce per step
+    plans = [r for r in progress(run_a) if r.get("event") == "plan"]
+    assert plans == [{"event": "plan", "deviceKind": "cpu", "worldSize": 2, "oneAllReduce": True}]
 
 
 def test_batch_rule_preserves_training(run_a: Path, run_b: Path) -> None:

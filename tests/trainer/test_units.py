@@ -195,6 +195,7 @@ def test_finished_run_is_not_trained_again(tmp_path: Path) -> None:
 
 def test_deepspeed_missing_is_a_clear_error(tmp_path: Path) -> None:
     from finetune_trainer.device import importable
+    from finetune_trainer.plan import Capabilities, make_plan
     from finetune_trainer.train import TrainingError, training_arguments
 
     if importable("deepspeed"):
@@ -203,7 +204,7 @@ def test_deepspeed_missing_is_a_clear_error(tmp_path: Path) -> None:
         job(tmp_path / "j.yaml", method="full", **{"training.deepspeedZeroStage": 2})
     )
     with pytest.raises(TrainingError, match=r"needs DeepSpeed.*finetune-operator\[deepspeed\]"):
-        training_arguments(full, CPU, world(2))
+        training_arguments(full, CPU, world(2), make_plan(full, "cpu", 2, Capabilities()))
 
 
 def test_resolved_json_as_the_operator_mounts_it(tmp_path: Path, config: Any) -> None:

@@ -50,10 +50,20 @@ log = logging.getLogger(__name__)
 Key = tuple[Any, ...]
 
 
+def _module(device_type: str) -> Any:
+    """torch.cuda or torch.xpu: the graph, stream, generator and memory APIs are the same."""
+    return getattr(torch, device_type)
+
+
+def _graph_class(device_type: str) -> Any:
+    accel = _module(device_type)
+    return getattr(accel, "CUDAGraph", None) or accel.XPUGraph
+
+
 @contextmanager
 def _drawing_from(generator: torch.Generator) -> Iterator[None]:
-    """CUDA random ops inside draw from `generator` (also while a graph is captured)."""
-    default = torch.cuda.default_generators[generator.device.index or 0]
+    """Random ops on the device inside draw from `generator` (also while a graph is captured)."""
+    default = _module(generator.device.type).default_generators[generator.device.index or 0]
     previous = default.graphsafe_get_state()
     default.graphsafe_set_state(generator)
     try:
@@ -66,7 +76,7 @@ class LayerRng:
     """One checkpointed layer's twin generators: the forward's, and the recomputation's."""
 
     def __init__(self, device: torch.device, seed: int) -> None:
-        default = torch.cuda.default_generators[device.index or 0]
+        default = _module(device.type).default_generators[device.index or 0]
         self.forward = default.clone_state().manual_seed(seed)
         self.recompute = default.clone_state().manual_seed(seed)
 
@@ -87,8 +97,10 @@ class _StackCall(torch.nn.Module):
         forwards: Sequence[Callable[..., Any]],
         autocast: torch.dtype | None,
         rng: Sequence[LayerRng] = (),
+        device_type: str = "cuda",
     ) -> None:
         super().__init__()
+        self.device_type = device_type
         # registered, so the layers' trainable parameters become the graphs' inputs
         self.layers = torch.nn.ModuleList(layers)
         self.forwards = list(forwards)
@@ -100,7 +112,7 @@ class _StackCall(torch.nn.Module):
         # The caller's autocast, re-entered inside the graph without its weight cache
         # (make_graphed_callables refuses the cache: cached casts would outlive the capture).
         with torch.autocast(
-            "cuda",
+            self.device_type,
             dtype=self.autocast or torch.bfloat16,
             enabled=self.autocast is not None,
             cache_enabled=False,
@@ -143,6 +155,8 @@ class GraphedLayers:
         checkpoint: bool = False,
     ) -> None:
         self.layers = list(layers)
+        self.device_type = next(self.layers[0].parameters()).device.type
+        self.accel = _module(self.device_type)
         self.eager = [layer.forward for layer in self.layers]
         # Inside the graphs: each layer's forward, or its torch.compile'd version (inductor
         # fuses the adapters' casts, dropout and scaling; compiled once, dynamic widths, at
@@ -155,7 +169,7 @@ class GraphedLayers:
         self.max_sets = max_sets
         self.sets: dict[Key, Callable[..., torch.Tensor]] = {}
         self.returns_tuple = False
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = self.accel.graph_pool_handle()
         self.eager_calls = 0  # layer calls that ran eagerly, and that a replay served
         self.replays = 0
         self._stack_output: torch.Tensor | None = None
@@ -203,7 +217,7 @@ class GraphedLayers:
             args
             or not all(layer.training for layer in self.layers)
             or not (torch.is_grad_enabled() or self._reference)
-            or not hidden.is_cuda
+            or hidden.device.type != self.device_type
             or position is None
             or cached
             or kwargs.get("use_cache")
@@ -212,7 +226,8 @@ class GraphedLayers:
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             return None
-        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        kind = self.device_type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         key: Key = (
             tuple(hidden.shape),
             hidden.dtype,
@@ -268,21 +283,22 @@ class GraphedLayers:
                 LayerRng(hidden.device, (base + 1 + i) * 0x9E3779B97F4A7C15 % 2**63)
                 for i in range(len(self.layers))
             ]
-        call = _StackCall(self.layers, self.inner, autocast=key[3], rng=self.rng)
+        call = _StackCall(
+            self.layers, self.inner, autocast=key[3], rng=self.rng, device_type=self.device_type
+        )
         extra = () if mask is None else (mask.detach().clone(),)
         cos, sin = (t.detach().clone() for t in position)
         sample = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, *extra)
-        before = torch.cuda.memory_allocated()
-        stream = _capture_stream()
+        before = self.accel.memory_allocated()
+        stream = _capture_stream(self.device_type)
         _warm_up(call, sample, stream, self.rng)  # in place of make_graphed_callables' own
         if self.rng:  # checkpointed: its generators must be registered with the graphs
             self.sets[key] = _GraphedStack.capture(call, sample, self.pool, stream, self.rng)
         else:  # torch's own helper, as measured (benchmarks/README.md)
-            with torch.autocast("cuda", enabled=False):  # (_GraphedStack.capture says why)
+            with torch.autocast(self.device_type, enabled=False):  # (_GraphedStack says why)
                 options: dict[str, Any] = {"pool": self.pool, "num_warmup_iters": 0}
-                graphed = torch.cuda.make_graphed_callables(
-                    call, sample, **(options | _THREAD_LOCAL)
-                )
+                make = self.accel.make_graphed_callables
+                graphed = make(call, sample, **(options | _thread_local(make)))
             self.sets[key] = cast(Callable[..., torch.Tensor], graphed)
         self.returns_tuple = call.returned_tuple
         log.info(
@@ -292,7 +308,7 @@ class GraphedLayers:
             key[0],
             len(self.sets),
             self.max_sets,
-            (torch.cuda.memory_allocated() - before) / 2**20,
+            (self.accel.memory_allocated() - before) / 2**20,
         )
         return self.sets[key]
 
@@ -304,9 +320,9 @@ class _GraphedStack:
     checkpointed layers' generators are registered with the graphs before capture (a graph
     advances only the generators registered with it on each replay)."""
 
-    def __init__(self) -> None:
-        self.forward_graph = torch.cuda.CUDAGraph()
-        self.backward_graph = torch.cuda.CUDAGraph()
+    def __init__(self, device_type: str = "cuda") -> None:
+        self.forward_graph = _graph_class(device_type)()
+        self.backward_graph = _graph_class(device_type)()
         self.inputs: tuple[torch.Tensor, ...] = ()  # user inputs, then the trainable parameters
         self.user_inputs = 0
         self.output = torch.empty(0)
@@ -321,10 +337,12 @@ class _GraphedStack:
         call: _StackCall,
         sample: tuple[torch.Tensor, ...],
         pool: Any,
-        stream: torch.cuda.Stream,
+        stream: Any,
         rng: Sequence[LayerRng],
     ) -> _GraphedStack:
-        graphed = cls()
+        kind = call.device_type
+        accel = _module(kind)
+        graphed = cls(kind)
         params = tuple(p for p in call.parameters() if p.requires_grad)
         graphed.inputs, graphed.user_inputs = (*sample, *params), len(sample)
         wrt = [t for t in graphed.inputs if t.requires_grad]
@@ -337,15 +355,16 @@ class _GraphedStack:
         for layer_rng in rng:
             graphed.forward_graph.register_generator_state(layer_rng.forward)
             graphed.backward_graph.register_generator_state(layer_rng.recompute)
-        options: dict[str, Any] = {"pool": pool, "stream": stream, **_THREAD_LOCAL}
+        options: dict[str, Any] = {"pool": pool, "stream": stream}
+        options |= _thread_local(accel.graph)
         # the stack re-enters autocast inside, without the weight cache a capture refuses
-        with torch.autocast("cuda", enabled=False):
+        with torch.autocast(kind, enabled=False):
             for layer_rng in rng:
                 layer_rng.level()
-            with torch.cuda.graph(graphed.forward_graph, **options):
+            with accel.graph(graphed.forward_graph, **options):
                 output = call(*sample)
             graphed.grad_output = torch.empty_like(output)
-            with torch.cuda.graph(graphed.backward_graph, **options):
+            with accel.graph(graphed.backward_graph, **options):
                 grads: tuple[torch.Tensor | None, ...] = torch.autograd.grad(
                     output, wrt, graphed.grad_output, only_inputs=True, allow_unused=True
                 )
@@ -401,32 +420,37 @@ class _Replay(torch.autograd.Function):
         return (None, *(g.detach() if g is not None else None for g in graphed.grad_inputs))
 
 
-# the data loader's pin-memory thread may allocate while we capture
-_THREAD_LOCAL: dict[str, Any] = (
-    {"capture_error_mode": "thread_local"}
-    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters
-    else {}
-)
+def _thread_local(capture: Callable[..., Any]) -> dict[str, Any]:
+    """The data loader's pin-memory thread may allocate while we capture: where the capture
+    call takes it, errors are checked for this thread only."""
+    try:
+        parameters = inspect.signature(capture).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"capture_error_mode": "thread_local"} if "capture_error_mode" in parameters else {}
 
 
-def _capture_stream() -> torch.cuda.Stream:
-    """torch.cuda.graph's default capture stream (what make_graphed_callables captures on)."""
-    torch.cuda.graph(torch.cuda.CUDAGraph())  # sets graph.default_capture_stream
-    return torch.cuda.graph.default_capture_stream or torch.cuda.current_stream()
+def _capture_stream(device_type: str) -> Any:
+    """The device graph's default capture stream (what make_graphed_callables captures on)."""
+    accel = _module(device_type)
+    accel.graph(_graph_class(device_type)())  # sets graph.default_capture_stream
+    return getattr(accel.graph, "default_capture_stream", None) or accel.current_stream()
 
 
 def _warm_up(
     call: torch.nn.Module,
     sample: tuple[Any, ...],
-    stream: torch.cuda.Stream,
+    stream: Any,
     rng: Sequence[LayerRng],
 ) -> None:
     """Lazy CUDA set-up (cuBLAS handles, workspaces; compilation and autotuning) out of the
     captures, on the stream they use, nothing kept (torch 2.11's make_graphed_callables warms
     up on a stream of its own and keeps its last autograd graph alive: its parameters'
     AccumulateGrad nodes then belong to that stream)."""
-    torch.cuda.synchronize()
-    with torch.cuda.stream(stream), torch.autocast("cuda", enabled=False):
+    kind = getattr(call, "device_type", "cuda")
+    accel = _module(kind)
+    accel.synchronize()
+    with accel.stream(stream), torch.autocast(kind, enabled=False):
         for _ in range(2):
             for layer_rng in rng:
                 layer_rng.level()
@@ -434,7 +458,7 @@ def _warm_up(
             wrt = [t for t in (*sample, *call.parameters()) if t.requires_grad]
             torch.autograd.grad(out, wrt, torch.zeros_like(out), allow_unused=True)
             del out
-    torch.cuda.synchronize()
+    accel.synchronize()
 
 
 def installed(layer: torch.nn.Module) -> GraphedLayers | None:

@@ -1,27 +1,11 @@
-"""Performance switches for the trainer, as library calls.
-
-Each switch is exact (same loss and gradient up to bf16 rounding) unless its doc says otherwise.
-The trainer (train.py) adopts them like this (alpaca methods; DPO: `packed_dpo`):
-
-    # training_arguments(): after `common` is built
-    common |= perf.training_argument_overrides(device.kind, config.optimizer)
-    common["use_liger_kernel"] = False          # optimize_model applies Liger itself
-
-    # build_trainer(), non-DPO branch
-    model = perf.optimize_model(prepare_model(config, device),
-                                perf.PerfOptions.for_device(device.kind, config.fused_kernels))
-    collate = perf.HostTokenCounter(
-        perf.PackingCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=64)
-        if config.padding_free else build_collator(tokenizer, config.pad_to_multiple_of, False))
-    Trainer(..., data_collator=collate, callbacks=[*callbacks, collate.callback(world.world_size)])
+"""Performance switches for the trainer, as library calls; which ones run is decided in plan.py.
 
 `HostTokenCounter` keeps `state.num_input_tokens_seen` (read by progress.py for tokens/s)
 without the per-micro-batch device sync. For `microBatchSize: auto`, after the model is built
 and the process group is up: `auto_micro_batch(step, global, world, budget)` with
 `step = lambda m: probe_step(model, worst_case_batch(m, cutoff, vocab, collator, device))`,
 all-reduce(min) the result over ranks, then set per_device_train_batch_size and
-gradient_accumulation_steps = global // (micro x world) (benchmarks/train_throughput.py does
-exactly this).
+gradient_accumulation_steps = global // (micro x world) (train.probe_micro_batch).
 
 What each does, and why:
 
@@ -49,7 +33,7 @@ What each does, and why:
 * Lean LoRA forward (`lean_lora.py`, DPO under graphs): peft's per-adapter fp32 round trip
   of the input, and its scale and add, become dropout in bf16 plus one in-place GEMM; the
   elementwise third of a DPO micro-batch's GPU time mostly goes.
-* CUDA graphs (`cuda_graphs.py`, where `graphs_fit`): the whole decoder stack replayed as one
+* CUDA graphs (`cuda_graphs.py`, where the plan has `graphs`): the whole decoder stack replayed as one
   forward and one backward graph per row width, the layers compiled inside; at micro-batch 2
   the step was launch- and Python-bound, and this makes it ~85% GPU-bound (5.8x LoRA, 6.7x
   QLoRA on an H200). `trim_repeated_host_work` removes the Trainer's own per-micro-batch
@@ -172,28 +156,8 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Trainer arguments
+# Trainer host work
 # --------------------------------------------------------------------------------------------
-
-
-def training_argument_overrides(device_kind: str, optimizer: str = "adamw_torch") -> dict[str, Any]:
-    """TrainingArguments entries that remove host syncs and fuse the optimizer step.
-
-    `logging_nan_inf_filter` and `include_num_input_tokens_seen` each sync the host with the
-    device once per micro-batch (Trainer's inner loop); pinned memory + non-blocking copies
-    keep the batch transfers asynchronous. The logged loss still reaches the logs once per
-    optimizer step (one sync per step, at logging).
-    """
-    overrides: dict[str, Any] = {
-        "logging_nan_inf_filter": False,
-        "include_num_input_tokens_seen": "no",
-    }
-    if device_kind in ("cuda", "xpu"):
-        overrides["dataloader_pin_memory"] = True
-        overrides["accelerator_config"] = {"non_blocking": True}
-        if optimizer == "adamw_torch":
-            overrides["optim"] = "adamw_torch_fused"
-    return overrides
 
 
 def trim_repeated_host_work(trainer: Any) -> Any:
@@ -315,72 +279,6 @@ class PerfOptions:
     # the adapter's GEMM (lean_lora.py; exact up to bf16 rounding, under autocast only)
     lean_lora: bool = False
 
-    @classmethod
-    def for_device(
-        cls, device_kind: str, fused_kernels: bool = True, cuda_graphs: bool = False
-    ) -> PerfOptions:
-        """Measured on CUDA (an H200, benchmarks/README.md): compiled layers + Liger's fused
-        linear cross-entropy where liger-kernel is installed (the `fast` extra); where the
-        caller finds CUDA graphs fit (`graphs_fit`), the layers compiled inside graphs of the
-        whole stack and the model's own loss (the fused cross-entropy reads a count back to
-        the host every call, which stalls the replays): 5.7x the plain recipe at micro-batch
-        2, against 1.7x for compiled layers alone. XPU and CPU: nothing until measured there
-        (both work in principle: inductor and Liger have XPU backends)."""
-        if not fused_kernels or device_kind != "cuda":
-            return cls(compile_layers=False, liger_loss=False, liger_layers=False)
-        if cuda_graphs:
-            return cls(compile_layers=True, liger_loss=False, cuda_graphs=True)
-        return cls(compile_layers=True, liger_loss=liger_available(), liger_layers=False)
-
-    @classmethod
-    def for_dpo(
-        cls, device_kind: str, fused_kernels: bool, cuda_graphs: bool, checkpoint: bool
-    ) -> PerfOptions:
-        """packed_dpo's switches. Under graphs (where `dpo_graphs_fit`): the layers eager
-        inside them, with Liger's RMSNorm/SwiGLU/RoPE where installed and peft's LoRA forward
-        without its fp32 round trip (`lean_lora`), checkpointed inside when asked; the
-        reference pass replays the policy's graph (`GraphedLayers.reference_pass`); speed and
-        memory against plain TRL in benchmarks/README.md. Eager, not compiled: compiled
-        inside the graphs was within tolerance at step 1, but its later losses parted from
-        every other path's. Without graphs: nothing (the eager packed path, measured)."""
-        if not fused_kernels or device_kind != "cuda" or not cuda_graphs:
-            return cls(compile_layers=False, liger_loss=False, liger_layers=False)
-        return cls(
-            compile_layers=False,
-            liger_loss=False,  # the packed loss needs per-token log-probs, not a mean
-            liger_layers=liger_available(),
-            cuda_graphs=True,
-            graph_checkpointing=checkpoint,
-            lean_lora=True,
-        )
-
-
-# Rows are rounded up to this many tokens under CUDA graphs: one graph set per width, and
-# GRAPH_ROW_LIMIT / GRAPH_BUCKET sets at most (pad tokens are their own segment: exact).
-GRAPH_BUCKET = 128
-GRAPH_ROW_LIMIT = 1024
-
-
-def graphs_fit(
-    device_kind: str,
-    micro_batch: int | str,
-    cutoff_len: int,
-    world_size: int,
-    gradient_checkpointing: bool,
-) -> bool:
-    """Where CUDA graphs of the decoder stack are the measured default: one CUDA process
-    (measured on one GPU; DDP under graphs is not), a fixed micro-batch whose packed row is at
-    most GRAPH_ROW_LIMIT tokens (the launch-bound regime; `auto` picks large micro-batches,
-    which are GPU-bound already), and no gradient checkpointing (checkpointing inside the
-    graphs, `graph_checkpointing`, is measured for DPO only: `dpo_graphs_fit`)."""
-    return (
-        device_kind == "cuda"
-        and world_size == 1
-        and isinstance(micro_batch, int)
-        and micro_batch * cutoff_len <= GRAPH_ROW_LIMIT
-        and not gradient_checkpointing
-    )
-
 
 # DPO under CUDA graphs: rows of exactly this many tokens, so a micro-batch's shape is its row
 # count: a few graph sets. Measured on an H200 (benchmarks/README.md): attention
@@ -389,13 +287,6 @@ def graphs_fit(
 # for DPO's max_length 1536, not of 2048: the widest set sets the peak memory).
 DPO_GRAPH_ROW_TOKENS = 1024
 DPO_GRAPH_ROW_BUCKET = 512
-
-
-def dpo_graphs_fit(device_kind: str, micro_batch: int | str, world_size: int) -> bool:
-    """Where DPO runs under CUDA graphs of the decoder stack (packed_dpo): one CUDA process
-    (DDP under graphs is not measured) and a fixed micro-batch. Gradient checkpointing, when
-    asked for, runs inside the graphs (`PerfOptions.graph_checkpointing`)."""
-    return device_kind == "cuda" and world_size == 1 and isinstance(micro_batch, int)
 
 
 def liger_available() -> bool:
@@ -673,6 +564,5 @@ __all__ = [
     "optimize_model",
     "pack_rows",
     "probe_step",
-    "training_argument_overrides",
     "worst_case_batch",
 ]

@@ -33,6 +33,7 @@ from finetune_trainer.data import build_collator, build_datasets
 from finetune_trainer.device import OOM_ADVICE, DeviceInfo, importable, is_oom, select_device
 from finetune_trainer.fetch import fetch_config_items
 from finetune_trainer.model import load_tokenizer, lora_config, prepare_model
+from finetune_trainer.plan import Capabilities, Plan, apply_plan, make_plan
 from finetune_trainer.progress import ProgressCallback, StatusPatcher, use_terminal_bar
 from finetune_trainer.resume import check_resume, remember_config
 from finetune_trainer.save import (
@@ -72,10 +73,6 @@ MEMORY_FRACTION = 0.8
 # model): the largest micro-batch up to this that divides the per-rank share. 4 is DPO's
 # default micro-batch (4 pairs = 8 sequences), a size IPEX-LLM's DPO example runs on any device.
 RULE_LIMIT = 4
-# With auto on CUDA and padding-free, packed rows hold up to this many tokens (at least one
-# example at cutoff), as in the benchmark's ours-auto: a large micro-batch in a single row
-# would make the attention mask (and its work) quadratic in micro x cutoff. Exact either way.
-AUTO_ROW_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -283,8 +280,8 @@ def _checkpointing_argument() -> str:
 _CHECKPOINTING = _checkpointing_argument()
 
 
-def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World) -> Any:
-    """TrainingArguments (DPOConfig for dpo) from the resolved config, nothing else."""
+def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World, plan: Plan) -> Any:
+    """TrainingArguments (DPOConfig for dpo) from the resolved config and the plan."""
     from transformers import TrainingArguments
 
     evaluate = bool(config.validation_size)
@@ -311,7 +308,7 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         "seed": config.seed,
         "data_seed": config.seed,
         "use_cpu": device.kind == "cpu",
-        _CHECKPOINTING: config.gradient_checkpointing,
+        _CHECKPOINTING: config.gradient_checkpointing and not plan.model_checkpointing_off,
         f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": False,
         # counted on the host as batches are collated (perf.HostTokenCounter): the Trainer's own
@@ -320,22 +317,8 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
         "average_tokens_across_devices": True,
         "report_to": "none",
         "disable_tqdm": not (world.is_main and sys.stderr.isatty()),
-        "use_liger_kernel": config.fused_kernels
-        and device.kind != "cpu"
-        and importable("liger_kernel"),
         "log_level_replica": "error",
-    }
-    if device.kind == "cuda" and config.method is not Method.DPO:
-        # As measured (benchmarks/README.md): no host syncs inside the accumulation loop (tokens
-        # are counted on the host instead, see build_trainer), pinned non-blocking batches,
-        # fused AdamW; Liger is applied by perf.optimize_model, as measured.
-        common |= perf.training_argument_overrides(device.kind, config.optimizer)
-        common["use_liger_kernel"] = False
-    elif device.kind == "cuda" and config.padding_free:
-        # packed DPO (packed_dpo) as measured: the same switches, no Liger (the packed loss
-        # needs per-token log-probs, not a mean cross-entropy)
-        common |= perf.training_argument_overrides(device.kind, config.optimizer)
-        common["use_liger_kernel"] = False
+    } | plan.training_arguments(config.optimizer)
     if config.deepspeed_zero_stage is not None:
         if not importable("deepspeed"):
             raise TrainingError(
@@ -363,23 +346,36 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World)
     return TrainingArguments(**common, remove_unused_columns=False)
 
 
-def training_collator(
-    config: ResolvedConfig, device: DeviceInfo, tokenizer: Any, graphs: bool = False
-) -> tuple[Any, Any]:
-    """(the collator the Trainer gets, the one it wraps): the second is what the probe uses."""
-    collator: Any = build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free)
-    # On CUDA, packed rows with a 4D block mask (no per-forward sync). With auto, rows of up
-    # to AUTO_ROW_TOKENS (as measured), else one row. Tokens are counted on the host.
-    if device.kind == "cuda" and config.padding_free:
-        collator = perf.PackingCollator(
-            pad_token_id=tokenizer.pad_token_id,
-            # under CUDA graphs a few widths (a graph set each), else a few compiled shapes
-            pad_to_multiple_of=perf.GRAPH_BUCKET if graphs else 64,
-            row_tokens=max(AUTO_ROW_TOKENS, config.cutoff_len)
-            if config.micro_batch_size == "auto"
-            else None,
+def training_collator(config: ResolvedConfig, tokenizer: Any, plan: Plan) -> Any:
+    """The collator the plan asks for: packed rows with a block mask, or padded rows."""
+    if config.method is Method.DPO:
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        from finetune_trainer.packed_dpo import PackedPreferenceCollator
+
+        assert config.dpo is not None
+        if plan.packing:
+            return PackedPreferenceCollator.for_training(
+                tokenizer.pad_token_id, config.dpo.max_length, plan.graphs
+            )
+        return DataCollatorForPreference(  # TRL's defaults: keep the start, no multiple
+            pad_token_id=tokenizer.pad_token_id, max_length=config.dpo.max_length
         )
-    return perf.HostTokenCounter(collator), collator
+    if plan.packing:
+        return perf.PackingCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=plan.row_multiple,
+            row_tokens=plan.row_tokens,
+        )
+    return build_collator(tokenizer, config.pad_to_multiple_of, config.padding_free)
+
+
+def token_count(config: ResolvedConfig) -> Callable[[dict[str, Any]], int]:
+    """Non-padding tokens of one training example, as collated."""
+    if config.method is Method.DPO:
+        assert config.dpo is not None
+        return perf.preference_tokens(config.dpo.max_length)
+    return lambda feature: len(feature["input_ids"])
 
 
 def _datasets(config: ResolvedConfig, tokenizer: Any, args: Any) -> tuple[Any, Any]:
@@ -388,110 +384,65 @@ def _datasets(config: ResolvedConfig, tokenizer: Any, args: Any) -> tuple[Any, A
         return build_datasets(config, tokenizer)
 
 
+@dataclass(frozen=True)
+class Built:
+    """What build_trainer makes: the Trainer, its tokenizer, the config as trained (`auto`
+    resolved, the optimizer that runs) and the plan it applied."""
+
+    trainer: Any
+    tokenizer: Any
+    config: ResolvedConfig
+    plan: Plan
+
+
 def build_trainer(
     config: ResolvedConfig, device: DeviceInfo, world: World, callbacks: list[Any]
-) -> tuple[Any, Any, ResolvedConfig]:
-    """The Trainer, the tokenizer, and the config as trained (`auto` resolved by the probe)."""
-    from transformers import set_seed
+) -> Built:
+    """The Trainer for this config on this device and world, with its plan applied."""
+    from transformers import Trainer, set_seed
 
     # Before the model: the LoRA A matrices are drawn at random, and every rank (and every
     # restart) must draw the same ones. The Trainer seeds only once it is built.
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
+    plan = make_plan(config, device.kind, world.world_size, Capabilities.detect(device.kind))
+    collator = training_collator(config, tokenizer, plan)
+    # The model's own checkpointing is off where the plan checkpoints inside the graphs.
+    as_built = (
+        config.model_copy(update={"gradient_checkpointing": False})
+        if plan.model_checkpointing_off
+        else config
+    )
+    model = prepare_model(as_built, device)
+    if probes_memory(config, device):  # `microBatchSize: auto`, measured on this model
+        config = probe_micro_batch(config, device, world, model, collator)
+    args = training_arguments(config, device, world, plan)
+    train_data, eval_data = _datasets(config, tokenizer, args)
+    counter = perf.HostTokenCounter(collator, token_count(config))
+    common: dict[str, Any] = {
+        "model": model,
+        "args": args,
+        "train_dataset": train_data,
+        "eval_dataset": eval_data,
+        "processing_class": tokenizer,
+        "callbacks": [*callbacks, counter.callback(world.world_size)],
+        "data_collator": counter,
+    }
+    trainer: Any
     if config.method is Method.DPO:
-        from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+        from trl.trainer.dpo_trainer import DPOTrainer
 
-        from finetune_trainer.packed_dpo import PackedDPOTrainer, PackedPreferenceCollator
+        from finetune_trainer.packed_dpo import PackedDPOTrainer
 
-        # paddingFree: packed rows and TRL's loss without its per-micro-batch host reads
-        # (packed_dpo; exact); on one CUDA GPU under CUDA graphs of the decoder stack
-        # (benchmarks/README.md), checkpointed inside them when asked, not by the model.
-        assert config.dpo is not None
-        packed = config.padding_free
-        graphs = packed and perf.dpo_graphs_fit(
-            device.kind, config.micro_batch_size, world.world_size
-        )
-        options = perf.PerfOptions.for_dpo(
-            device.kind, config.fused_kernels, graphs, config.gradient_checkpointing
-        )
-        as_built = (
-            config.model_copy(update={"gradient_checkpointing": False})
-            if options.graph_checkpointing
-            else config
-        )
-        args = training_arguments(as_built, device, world)
-        train_data, eval_data = _datasets(config, tokenizer, args)
         # LoRA adapter on the (optionally 4-bit) base; the reference is the base with the
         # adapter switched off, so no second model is held in memory.
-        base = prepare_model(as_built, device)
-        pairs: Any = (
-            PackedPreferenceCollator.for_training(
-                tokenizer.pad_token_id, config.dpo.max_length, options.cuda_graphs
-            )
-            if packed
-            else DataCollatorForPreference(
-                pad_token_id=tokenizer.pad_token_id,
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-            )
-        )
-        counter = perf.HostTokenCounter(pairs, perf.preference_tokens(config.dpo.max_length))
-        trainer: Any = (PackedDPOTrainer if packed else DPOTrainer)(
-            model=base,
-            args=args,
-            train_dataset=train_data,
-            eval_dataset=eval_data,
-            processing_class=tokenizer,
-            peft_config=lora_config(config),
-            callbacks=[*callbacks, counter.callback(world.world_size)],
-            data_collator=counter,
-        )
-        if options.cuda_graphs:  # on the model TRL wrapped (its adapter is in the layers)
-            perf.optimize_model(trainer.model, options)
-            trainer.add_callback(perf.StableGradients(trainer.model).callback())
-        return perf.trim_repeated_host_work(trainer), tokenizer, _as_run(config, args)
-    from transformers import Trainer
-
-    # The model comes before the data and the arguments: `microBatchSize: auto` is measured
-    # on it (probe_micro_batch) and the arguments carry the chosen size.
-    model = prepare_model(config, device)
-    options = perf.PerfOptions.for_device(
-        device.kind,
-        config.fused_kernels,
-        cuda_graphs=config.padding_free
-        and perf.graphs_fit(
-            device.kind,
-            config.micro_batch_size,
-            config.cutoff_len,
-            world.world_size,
-            config.gradient_checkpointing,
-        ),
+        trainer_class = PackedDPOTrainer if plan.packing else DPOTrainer
+        trainer = trainer_class(**common, peft_config=lora_config(config))
+    else:
+        trainer = Trainer(**common)
+    return Built(
+        apply_plan(trainer, plan, token_count(config)), tokenizer, _as_run(config, args), plan
     )
-    if device.kind == "cuda":
-        # Compiled decoder layers (inside CUDA graphs of the whole stack where they
-        # fit) + Liger's fused linear cross-entropy (without graphs).
-        model = perf.optimize_model(model, options)
-    collator, inner = training_collator(config, device, tokenizer, options.cuda_graphs)
-    if isinstance(collator, perf.HostTokenCounter):
-        callbacks = [*callbacks, collator.callback(world.world_size)]
-    if options.cuda_graphs:  # replays add into preallocated .grad (cuda_graphs.py says why)
-        callbacks = [*callbacks, perf.StableGradients(model).callback()]
-    if probes_memory(config, device):
-        config = probe_micro_batch(config, device, world, model, inner)
-    args = training_arguments(config, device, world)
-    train_data, eval_data = _datasets(config, tokenizer, args)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    # exact on every device: Trainer's per-micro-batch parameter count and module walk, once
-    return perf.trim_repeated_host_work(trainer), tokenizer, _as_run(config, args)
 
 
 def _as_run(config: ResolvedConfig, args: Any) -> ResolvedConfig:
@@ -554,7 +505,8 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
     config = fetch_config_items(config, world.is_main)
     progress = ProgressCallback(output, patcher)
     callbacks = [progress, CheckpointMarker(progress.on_checkpoint_complete), *_test_hooks()]
-    trainer, tokenizer, config = build_trainer(config, device, world, callbacks)
+    built = build_trainer(config, device, world, callbacks)
+    trainer, tokenizer, config = built.trainer, built.tokenizer, built.config
     if world.is_main:  # the data and model were accepted: only now is output written
         output.mkdir(parents=True, exist_ok=True)
         remember_config(given, output)
@@ -562,6 +514,8 @@ def run(config: ResolvedConfig, world: World | None = None) -> RunResult:
             log.info("resuming with changes that keep the run the same: %s", changed)
     # as built: the micro-batch `auto` chose, the optimizer and switches this device runs
     announce(config, device, world)
+    if world.is_main:
+        progress.event({"event": "plan", **built.plan.describe()})
     if auto and world.is_main:
         progress.event(
             {
