@@ -33,6 +33,8 @@ REAL_NODE_DNS_IP=10.0.0.10
 REAL_NODE_TAINT="finetune.dev/real-node=true:NoSchedule"
 REAL_NODE_LABELS="finetune.dev/real-node=true,finetune.dev/accelerator=cpu,type=real"
 REAL_NODE_PAUSE_IMAGE=localhost/fto-pause:1
+# On each image load-image imports: the podman image ID it came from.
+PODMAN_ID_LABEL=dev.finetune.podman-id
 REAL_NODE_DIR="${CLUSTER_DIR}/node"
 CONTAINERD_ROOT="${FTO_CACHE}/containerd/root"
 CONTAINERD_SOCKET="${REAL_NODE_RUN}/containerd/containerd.sock"
@@ -310,8 +312,10 @@ EOF
 
 # Imports an image into the node: an archive file (podman save --format oci-archive), or an
 # image of podman's store by name, saved to a scratch archive unless the node already holds that
-# name with the same image ID (the config digest, which survives save and import). containerd
-# keeps its images under ${FTO_CACHE}/containerd, so a later cluster finds them imported.
+# name imported from the same podman image ID. (The node's own image ID, the config digest that
+# pods report, differs from podman's when saving converts the image to the OCI format, so
+# the podman ID is kept as a label of the node's image.) containerd keeps its images under
+# ${FTO_CACHE}/containerd: a later cluster finds them imported.
 load_image() {
   local image="$1" image_id archive
   [[ -S "${CONTAINERD_SOCKET}" ]] || { log "no real node is running"; return 1; }
@@ -321,24 +325,28 @@ load_image() {
     return
   fi
   image_id="$(podman image inspect --format '{{.Id}}' "${image}")" || return 1
-  if [[ "$(node_image_config_digest "${image}")" == "sha256:${image_id}" ]]; then
-    log "${image} (${image_id:0:12}) is in the node already"
+  if ctr_node images ls "name==${image}" 2>/dev/null | grep -q "${PODMAN_ID_LABEL}=${image_id}"; then
+    log "${image} (podman ${image_id:0:12}) is in the node already"
     return 0
   fi
   archive="${REAL_NODE_RUN}/import-$$.tar"
-  log "importing ${image} (${image_id:0:12}) into the node"
+  log "importing ${image} (podman ${image_id:0:12}) into the node"
   podman save --quiet --format oci-archive -o "${archive}" "${image}" >/dev/null \
-    && ctr_node images import "${archive}" >/dev/null
+    && ctr_node images import "${archive}" >/dev/null \
+    && ctr_node images label "${image}" "${PODMAN_ID_LABEL}=${image_id}" >/dev/null
   local status=$?
   rm -f "${archive}"
   return "${status}"
 }
 
-# The config digest (what podman calls the image ID) of the node's image named $1, if any.
-node_image_config_digest() {
-  ctr_node images ls "name==$1" -q 2>/dev/null | grep -qx "$1" || return 0
-  ctr_node content get "$(ctr_node images ls "name==$1" | awk 'NR == 2 {print $3}')" 2>/dev/null \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["digest"])' 2>/dev/null || true
+# The image ID (config digest) the node reports for the image named $1, as in a pod's
+# status.containerStatuses[].imageID.
+node_image_id() {
+  local manifest
+  manifest="$(ctr_node images ls "name==$1" | awk 'NR == 2 {print $3}')"
+  [[ -n "${manifest}" ]] || { log "the node has no image $1"; return 1; }
+  ctr_node content get "${manifest}" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["digest"])'
 }
 
 check_real_node_prerequisites() {

@@ -50,9 +50,11 @@ RELEASE_NAMESPACE = "finetune-system"
 class Images:
     operator: str
     trainer: str
-    # podman's image IDs (config digests): what the node must report for the containers.
-    operator_id: str
-    trainer_id: str
+    # The image IDs the node has for those names (`hack/dev-cluster image-id`): what pods report
+    # as their containers' imageID. (podman's own IDs differ when saving converts an image to
+    # the OCI format; the node keeps them as a label of each image it imported.)
+    operator_id: str = ""
+    trainer_id: str = ""
 
 
 def image_tags() -> tuple[str, str]:
@@ -92,9 +94,7 @@ def ensure_images() -> Images:
         if running_under_ci():
             pytest.fail(f"images {operator} and {trainer} are not built: run hack/build-images")
         subprocess.run([str(BUILD_IMAGES)], check=True, timeout=7200)
-    operator_id, trainer_id = podman_image_id(operator), podman_image_id(trainer)
-    assert operator_id and trainer_id
-    return Images(operator, trainer, operator_id, trainer_id)
+    return Images(operator, trainer)
 
 
 def dev_cluster(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -131,6 +131,12 @@ def real_cluster() -> Iterator[tuple[Cluster, Images]]:
         )
         loaded = dev_cluster("load-image", images.operator, images.trainer, timeout=1800)
         assert loaded.returncode == 0, loaded.stderr
+        images.operator_id, images.trainer_id = (
+            dev_cluster("image-id", image, timeout=60).stdout.strip()
+            for image in (images.operator, images.trainer)
+        )
+        assert images.operator_id.startswith("sha256:"), images
+        assert images.trainer_id.startswith("sha256:"), images
         yield cluster, images
     finally:
         down = dev_cluster("down", timeout=300)
