@@ -329,6 +329,8 @@ load_image() {
     log "${image} (podman ${image_id:0:12}) is in the node already"
     return 0
   fi
+  local previous_id
+  previous_id="$(node_image_id "${image}" 2>/dev/null)" || previous_id=""
   archive="${REAL_NODE_RUN}/import-$$.tar"
   log "importing ${image} (podman ${image_id:0:12}) into the node"
   podman save --quiet --format oci-archive -o "${archive}" "${image}" >/dev/null \
@@ -336,7 +338,24 @@ load_image() {
     && ctr_node images label "${image}" "${PODMAN_ID_LABEL}=${image_id}" >/dev/null
   local status=$?
   rm -f "${archive}"
+  # The image this name pointed at before (a trainer image is gigabytes): its last reference
+  # goes, and containerd's garbage collector frees its layers unless a container uses them.
+  if ((status == 0)) && [[ -n "${previous_id}" && "${previous_id}" != "$(node_image_id "${image}")" ]]; then
+    ctr_node images rm "${previous_id}" >/dev/null 2>&1 || true
+  fi
   return "${status}"
+}
+
+# Drops the node's images that no name points at any more (the CRI plugin keeps an ID-named
+# reference for each image: left over when a name moved to a newer image).
+prune_node_images() {
+  local name current_ids=" "
+  for name in $(ctr_node images ls -q | grep -v '^sha256:'); do
+    current_ids+="$(node_image_id "${name}" 2>/dev/null) "
+  done
+  for name in $(ctr_node images ls -q | grep '^sha256:'); do
+    [[ "${current_ids}" == *" ${name} "* ]] || ctr_node images rm "${name}" >/dev/null 2>&1 || true
+  done
 }
 
 # The image ID (config digest) the node reports for the image named $1, as in a pod's
@@ -394,6 +413,7 @@ start_real_node() {
   start_node_process containerd containerd --config "${REAL_NODE_DIR}/containerd.toml"
   wait_for "containerd" 30 containerd ctr_node version || return 1
   ensure_pause_image || { log "could not build the pause image"; return 1; }
+  prune_node_images
 
   local kubelet_port kubelet_healthz proxy_healthz proxy_metrics dns_health dns_ready
   kubelet_port="$(free_port)"; kubelet_healthz="$(free_port)"
