@@ -2,6 +2,8 @@
 # One lent-GPU call of the benchmarks (see benchmarks/README.md). Usage: device_call.sh PHASE
 #   world   (2 GPUs) the 7B model saved once; `finetune-train` LoRA on GPU 0 and QLoRA on GPU 1
 #           at world 1, then each at world 2 (--nproc 2), in the same call
+#   final   (2 GPUs) LoRA at world 1 alone, then at world 2; DPO and plain TRL side by side on
+#           the same pairs; `method: full` under DeepSpeed ZeRO-2 at world 2 (8 layers); DPO at 2
 #   dpo     (2 GPUs) DPO `finetune-train` on GPU 0 and plain TRL on GPU 1 on the same pairs; DPO
 #           at world 2; `method: full` under DeepSpeed ZeRO-2 at world 2 (8 layers); the GPU
 #           tests of the graphs
@@ -36,6 +38,18 @@ if [ "$phase" = world ]; then
   wait; cat "$OUT/gpu0.log" "$OUT/gpu1.log" | grep -E "RESULT|^== |Error"
   $B --paths finetune-train --methods lora --worlds 2 --steps 6 --run-timeout 170
   $B --paths finetune-train --methods qlora --worlds 2 --steps 5 --run-timeout 170
+elif [ "$phase" = final ]; then
+  $B --gpu 0 --paths finetune-train --methods lora --steps 5 --run-timeout 120
+  $B --paths finetune-train --methods lora --worlds 2 --steps 5 --run-timeout 120
+  ( $B --gpu 0 --paths finetune-train --methods dpo --global-batch 16 --micro-batch 4 \
+      --examples 512 --steps 6 --run-timeout 130 ) > "$OUT/gpu0.log" 2>&1 &
+  ( $B --gpu 1 --paths baseline --methods dpo --global-batch 16 --micro-batch 4 --examples 512 \
+      --baseline-steps 4 --run-timeout 130 ) > "$OUT/gpu1.log" 2>&1 &
+  wait; cat "$OUT/gpu0.log" "$OUT/gpu1.log" | grep -E "RESULT|^== |Error"
+  $B --paths finetune-train --methods full --worlds 2 --layers 8 --zero-stage 2 --steps 3 \
+    --run-timeout 100
+  $B --paths finetune-train --methods dpo --worlds 2 --global-batch 16 --micro-batch 4 \
+    --examples 512 --steps 6 --run-timeout 120
 elif [ "$phase" = dpo ]; then
   ( $B --gpu 0 --paths finetune-train --methods dpo --global-batch 16 --micro-batch 4 \
       --examples 512 --steps 6 --run-timeout 200 ) > "$OUT/gpu0.log" 2>&1 &
