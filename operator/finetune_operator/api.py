@@ -256,7 +256,7 @@ class TrainingSpec(_Spec):
         description="Recompute activations in the backward pass to save memory at ~30% more "
         f"compute. Default: {str(SFT_DEFAULTS.gradient_checkpointing).lower()} "
         f"(dpo: {str(DPO_DEFAULTS.gradient_checkpointing).lower()}, as TRL's DPOConfig; on "
-        "one CUDA GPU it runs inside the CUDA graphs of the decoder stack).",
+        "CUDA it runs inside the graphs of the decoder stack).",
     )
     padding_free: bool = Field(
         default=True,
@@ -265,11 +265,13 @@ class TrainingSpec(_Spec):
     )
     fused_kernels: bool = Field(
         default=True,
-        description="Use fused kernels where installed: on CUDA, compiled decoder layers, "
-        "replayed as CUDA graphs at small micro-batches on one GPU, else with Liger's fused "
-        "cross-entropy; dpo on one GPU: CUDA graphs of the decoder stack with Liger's layers "
-        "and LoRA without peft's fp32 round trip (gradient checkpointing, if on, inside the "
-        "graphs). Default: true.",
+        description="Use fused kernels where installed, at any number of devices: on CUDA, "
+        "compiled decoder layers, replayed as graphs of the whole stack at a fixed micro-batch "
+        "whose packed row is at most 1024 tokens, else with Liger's fused cross-entropy; dpo: "
+        "graphs of the decoder stack with Liger's layers and LoRA without peft's fp32 round "
+        "trip (gradient checkpointing, if on, inside the graphs). On XPU these are written "
+        "against torch.xpu but off unless the pod sets FINETUNE_XPU_EXPERIMENTAL=1; XPU always "
+        "gets packing, fused AdamW and no host syncs per micro-batch. Default: true.",
     )
     deepspeed_zero_stage: int | None = Field(
         default=None,

@@ -1,4 +1,9 @@
-"""CUDA graphs of the whole decoder stack, captured by hand, one per row-width bucket.
+"""Device graphs of the whole decoder stack, captured by hand, one per row-width bucket.
+
+Written against the device module (`torch.cuda`, or `torch.xpu`, whose graph, generator,
+stream and memory APIs have the same names): measured on CUDA; on XPU only behind
+FINETUNE_XPU_EXPERIMENTAL (plan.py). Under data parallelism the model must not be wrapped in
+DDP (data_parallel.OneAllReduce says why).
 
 Why: at micro-batch 2 (about 300 tokens) a step issues thousands of small kernels and much
 Python per micro-batch, and is launch- and host-bound; replaying the stack's forward and

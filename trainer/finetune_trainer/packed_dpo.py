@@ -18,7 +18,7 @@ metrics back to the host several times per micro-batch. Here:
   it against the unpacked trainer). Reward margin and accuracy are kept on the device and read
   once per logging step.
 
-Under CUDA graphs of the decoder stack (`cuda_graphs`, one CUDA GPU) the reference pass
+Under graphs of the decoder stack (`cuda_graphs`, CUDA at any world size) the reference pass
 replays the policy's own forward graph with the LoRA B matrices zeroed (B = 0 is the adapter
 off, for plain LoRA): reference and policy then round alike, and the margin at the first step,
 where they are one model, is exactly zero.

@@ -256,10 +256,7 @@ def init_distributed(device: DeviceInfo, world: World) -> None:
     """Start the process group ourselves so the backend is the seam's choice (ccl included)."""
     if world.world_size == 1 or dist.is_initialized():
         return
-    if device.kind == "cuda":
-        torch.cuda.set_device(device.local_rank)
-    elif device.kind == "xpu":
-        torch.xpu.set_device(device.local_rank)
+    getattr(torch, device.kind).set_device(device.local_rank)  # torch.cpu's does nothing
     dist.init_process_group(backend=device.backend)
 
 
