@@ -16,8 +16,8 @@
 #   - CoreDNS on ${REAL_NODE_IP}:53 behind the kube-dns Service (${REAL_NODE_DNS_IP}), serving
 #     cluster.local from the API server: the headless Services' pod names resolve in pods.
 # Every process runs from this machine's binaries, nothing is pulled: images are imported with
-# `hack/dev-cluster load-image ARCHIVE` (podman save --format oci-archive). The pause image is
-# built here from busybox-static's sleep.
+# `hack/dev-cluster load-image IMAGE|ARCHIVE` (podman save --format oci-archive). The pause
+# image is built here from busybox-static's sleep.
 #
 # containerd, iptables and the kubelet's directories are shared by the whole machine: one real
 # node at a time (the cluster owning it is named in ${REAL_NODE_RUN}/owner).
@@ -30,7 +30,6 @@ REAL_NODE_POD_CIDR=10.244.0.0/24
 # The API server's default Service range is 10.0.0.0/24: .1 is kubernetes.default.
 REAL_NODE_API_SERVICE_IP=10.0.0.1
 REAL_NODE_DNS_IP=10.0.0.10
-REAL_NODE_TAINT="finetune.dev/real-node=true:NoSchedule"
 REAL_NODE_LABELS="finetune.dev/real-node=true,finetune.dev/accelerator=cpu,type=real"
 REAL_NODE_PAUSE_IMAGE=localhost/fto-pause:1
 # On each image load-image imports: the podman image ID it came from.
