@@ -628,9 +628,10 @@ def steady(d: ValidDraft) -> Plan:
             f"Admitted by Kueue from queue {i.queue}: the whole group may run.",
         )
     ready = status["workers"]["ready"]
-    done = sum(1 for p in i.pods if p.phase == "Succeeded" and not p.deleting)
-    # Workers that finished while the others still run (the Job completes with the last one)
-    # keep the group Running: nothing is waiting for them.
+    done = sum(1 for p in i.pods if (p.phase == "Succeeded" or p.finished) and not p.deleting)
+    # Workers that finished while the others still run (the Job completes with the last one;
+    # a container that exited 0 counts before the kubelet writes Succeeded) keep the group
+    # Running: nothing is waiting for them.
     finishing = done > 0 and ready + done >= resolved.workers and d.prev_phase is Phase.RUNNING
     if ready >= resolved.workers or finishing:
         status["phase"] = Phase.RUNNING.value

@@ -117,6 +117,9 @@ class WorkerPod:
     created: str | None = None  # metadata.creationTimestamp (RFC 3339, seconds)
     # When its deletion was asked (deletionTimestamp less the grace period).
     deletion_asked: str | None = None
+    # Every container terminated with exit code 0: done, though the phase may still say
+    # Running for a moment (the kubelet writes Succeeded after).
+    finished: bool = False
 
     @property
     def running(self) -> bool:
@@ -211,7 +214,11 @@ def pod_view(pod: Mapping[str, Any]) -> WorkerPod:
         else None
     )
     reason, message, exit_code = status.get("reason"), status.get("message"), None
-    for container in status.get("containerStatuses") or []:
+    containers = status.get("containerStatuses") or []
+    finished = bool(containers) and all(
+        ((c.get("state") or {}).get("terminated") or {}).get("exitCode", 1) == 0 for c in containers
+    )
+    for container in containers:
         terminated = (container.get("state") or {}).get("terminated")
         if terminated and (terminated.get("exitCode") or 0) != 0:
             exit_code = terminated.get("exitCode")
@@ -240,6 +247,7 @@ def pod_view(pod: Mapping[str, Any]) -> WorkerPod:
         unschedulable=unschedulable,
         created=metadata.get("creationTimestamp"),
         deletion_asked=asked,
+        finished=finished,
     )
 
 

@@ -326,6 +326,30 @@ def test_template_changed(raw: Row, worker_job: WorkerJob | None, expected: Row 
             (pod(0, "Succeeded", ready=False), pod(1)),
             decided(phase="Running", apply_job=True, running="AllWorkersRunning"),
         ),
+        # Containers that exited 0 while their pods' phases still say Running (the kubelet
+        # has not written Succeeded yet): the group is finishing, not waiting for workers.
+        (
+            spec(),
+            {"phase": "Running"},
+            job(),
+            (pod(0, "Succeeded", ready=False), pod(1, ready=False, finished=True)),
+            decided(phase="Running", apply_job=True, running="AllWorkersRunning"),
+        ),
+        (
+            spec(),
+            {"phase": "Running"},
+            job(),
+            (pod(0, ready=False, finished=True), pod(1, ready=False, finished=True)),
+            decided(phase="Running", apply_job=True, running="AllWorkersRunning"),
+        ),
+        # ... but a worker that stopped being ready without finishing is waited for
+        (
+            spec(),
+            {"phase": "Running"},
+            job(),
+            (pod(0), pod(1, ready=False)),
+            decided(phase="Pending", apply_job=True, running="WaitingForWorkers"),
+        ),
         (
             spec(suspend=True),
             {},
@@ -341,7 +365,17 @@ def test_template_changed(raw: Row, worker_job: WorkerJob | None, expected: Row 
             decided(phase="Restarting", apply_job=True, running="Scaling"),
         ),
     ],
-    ids=["no-job", "one-of-two", "all-running", "finishing", "suspended", "restart-in-progress"],
+    ids=[
+        "no-job",
+        "one-of-two",
+        "all-running",
+        "finishing",
+        "finishing-phases-lag",
+        "finishing-none-succeeded-yet",
+        "not-ready-not-finished",
+        "suspended",
+        "restart-in-progress",
+    ],
 )
 def test_steady(
     raw: Row,

@@ -89,6 +89,12 @@ def test_pod_view_reads_the_failing_container() -> None:
     )
 
 
+def test_pod_view_finished_when_every_container_exited_zero() -> None:
+    assert pod_view(pod(ready=False, terminated={"exitCode": 0})).finished
+    assert not pod_view(pod(ready=False, terminated={"exitCode": 137})).finished
+    assert not pod_view(pod()).finished
+
+
 def test_pod_view_reads_the_schedulers_message() -> None:
     raw = pod(phase="Pending", ready=False)
     raw["status"]["conditions"].append(
