@@ -4,18 +4,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from built_tools import built_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "finetune-operator"
-BUILD_TOOLS = REPO_ROOT / "hack" / "build-tools.sh"
 RELEASE = "fto"
 NAMESPACE = "finetune-system"
 
@@ -24,17 +23,8 @@ Obj = dict[str, Any]
 
 @cache
 def helm_binary() -> str:
-    """helm as hack/build-tools.sh builds it; a skip locally when not built yet, a failure in CI."""
-    path = subprocess.run(
-        [str(BUILD_TOOLS), "--path"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    found = shutil.which("helm", path=path)
-    if found is None:
-        message = "helm is not built: run hack/build-tools.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    """helm as hack/build-tools.sh builds it."""
+    return built_tool("helm")
 
 
 def helm(*args: str, chart: Path = CHART, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -3,30 +3,19 @@ tools module hack/tools/actionlint); a skip locally when it is not built yet, a 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from built_tools import built_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / ".github" / "workflows"
-BUILD_TOOLS = ROOT / "hack" / "build-tools.sh"
 
 
 def actionlint_binary() -> str:
-    path = subprocess.run(
-        [str(BUILD_TOOLS), "--path"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    found = shutil.which("actionlint", path=path)
-    if found is None:
-        message = "actionlint is not built: run hack/build-tools.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)  # CI must lint the workflows, never skip it
-        pytest.skip(message)
-    return found
+    return built_tool("actionlint")
 
 
 def workflow_files() -> list[Path]:

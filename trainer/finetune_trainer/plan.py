@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from pydantic.alias_generators import to_camel
 
 from finetune_operator.api import Method
 from finetune_operator.resolve import ResolvedConfig
@@ -95,10 +96,6 @@ class Plan:
         """`.grad` kept in one preallocated buffer: graphs add into it, the all-reduce reads it."""
         return self.graphs or self.one_all_reduce
 
-    @property
-    def model_checkpointing_off(self) -> bool:
-        return self.graph_checkpointing
-
     def options(self) -> perf.PerfOptions:
         return perf.PerfOptions(
             compile_layers=self.compile_layers,
@@ -124,15 +121,10 @@ class Plan:
 
     def describe(self) -> dict[str, Any]:
         """The fields that are on, camelCase (as progress.jsonl records are)."""
-
-        def camel(name: str) -> str:
-            head, *rest = name.split("_")
-            return head + "".join(part.title() for part in rest)
-
         fields = asdict(self)
         if not self.packing:
             del fields["row_multiple"]
-        return {camel(k): v for k, v in fields.items() if v not in (False, None)}
+        return {to_camel(k): v for k, v in fields.items() if v not in (False, None)}
 
 
 def make_plan(

@@ -305,7 +305,7 @@ def training_arguments(config: ResolvedConfig, device: DeviceInfo, world: World,
         "seed": config.seed,
         "data_seed": config.seed,
         "use_cpu": device.kind == "cpu",
-        _CHECKPOINTING: config.gradient_checkpointing and not plan.model_checkpointing_off,
+        _CHECKPOINTING: config.gradient_checkpointing and not plan.graph_checkpointing,
         f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": False,
         # counted on the host as batches are collated (perf.HostTokenCounter): the Trainer's own
@@ -407,7 +407,7 @@ def build_trainer(
     # The model's own checkpointing is off where the plan checkpoints inside the graphs.
     as_built = (
         config.model_copy(update={"gradient_checkpointing": False})
-        if plan.model_checkpointing_off
+        if plan.graph_checkpointing
         else config
     )
     model = prepare_model(as_built, device)
@@ -415,7 +415,8 @@ def build_trainer(
         config = probe_micro_batch(config, device, world, model, collator)
     args = training_arguments(config, device, world, plan)
     train_data, eval_data = _datasets(config, tokenizer, args)
-    counter = perf.HostTokenCounter(collator, token_count(config))
+    count = token_count(config)
+    counter = perf.HostTokenCounter(collator, count)
     common: dict[str, Any] = {
         "model": model,
         "args": args,
@@ -437,9 +438,7 @@ def build_trainer(
         trainer = trainer_class(**common, peft_config=lora_config(config))
     else:
         trainer = Trainer(**common)
-    return Built(
-        apply_plan(trainer, plan, token_count(config)), tokenizer, _as_run(config, args), plan
-    )
+    return Built(apply_plan(trainer, plan, count), tokenizer, _as_run(config, args), plan)
 
 
 def _as_run(config: ResolvedConfig, args: Any) -> ResolvedConfig:
